@@ -1,0 +1,26 @@
+//! The error type of the `common` crate.
+
+/// What can go wrong in shared code: reading files and datasets.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A dataset as a whole is malformed (per-record problems are not errors; see
+    /// [`crate::dataset::Knowns::errors`]).
+    #[error("dataset {source_name}: {message}")]
+    Dataset {
+        /// Where the dataset came from.
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
