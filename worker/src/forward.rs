@@ -1,0 +1,304 @@
+//! The one forward entry point, shared by every architecture.
+//!
+//! All families here are pre-norm decoders with the same block shape,
+//! `x += attn(x); x += mlp(x)`, so the layer loop, the interventions, the key/value cache and
+//! the LM head are written once, and each family supplies its sublayers through [`Decoder`].
+//!
+//! A forward pass either starts from token ids ([`Start::Tokens`]) or resumes from a prefix
+//! ([`Start::Resume`]): the residual stream entering layer `l` for tokens `t..T`, plus the
+//! keys and values of tokens `< t` for layers `>= l`. Restoring a state at (t, l) changes
+//! nothing before token t or below layer l, so causal tracing computes only that suffix.
+
+use candle_core::{D, Tensor};
+
+use crate::error::{Result, bail_request};
+use crate::intervene::{self, Interventions, Site};
+
+/// The sizes every architecture has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dims {
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Rows of the LM head.
+    pub vocab_size: usize,
+    /// Longest sequence the model supports (position embeddings or RoPE's trained length).
+    pub max_positions: usize,
+}
+
+/// Keys and values of one attention layer, after RoPE where the model has it.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    /// `(b_sz, n_kv_heads, seq_len, head_dim)`.
+    pub k: Tensor,
+    /// `(b_sz, n_kv_heads, seq_len, head_dim)`.
+    pub v: Tensor,
+}
+
+impl LayerKv {
+    /// Number of tokens held.
+    pub fn len(&self) -> usize {
+        self.k.dims().get(2).copied().unwrap_or(0)
+    }
+
+    /// Whether no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The keys and values of every layer a forward pass computed.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Indexed by layer; `None` for layers the pass did not run.
+    pub layers: Vec<Option<LayerKv>>,
+}
+
+impl KvCache {
+    /// The first `len` tokens of every layer.
+    pub fn narrow_tokens(&self, len: usize) -> Result<Self> {
+        self.map(|kv| Ok(LayerKv { k: kv.k.narrow(2, 0, len)?, v: kv.v.narrow(2, 0, len)? }))
+    }
+
+    /// The given batch rows (u32 indices, repetitions allowed) of every layer.
+    pub fn index_rows(&self, rows: &Tensor) -> Result<Self> {
+        // index_select needs contiguous input; a narrowed cache is not.
+        self.map(|kv| {
+            Ok(LayerKv {
+                k: kv.k.contiguous()?.index_select(rows, 0)?,
+                v: kv.v.contiguous()?.index_select(rows, 0)?,
+            })
+        })
+    }
+
+    fn map(&self, f: impl Fn(&LayerKv) -> Result<LayerKv>) -> Result<Self> {
+        let layers =
+            self.layers.iter().map(|kv| kv.as_ref().map(&f).transpose()).collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+}
+
+/// Where a forward pass starts.
+#[derive(Debug, Clone)]
+pub enum Start<'a> {
+    /// Token ids `(b_sz, seq_len)`, u32: the full forward.
+    Tokens(&'a Tensor),
+    /// The suffix of a forward whose prefix was computed before.
+    Resume {
+        /// First layer to run.
+        layer: usize,
+        /// Absolute position of the first token of `hidden`.
+        pos: usize,
+        /// The residual stream entering `layer` at tokens `pos..`: `(b_sz, seq_len - pos, d)`.
+        hidden: Tensor,
+        /// Keys and values of tokens `< pos` for every layer `>= layer`, one row per row of
+        /// `hidden`. Unused when `pos == 0`.
+        past: &'a KvCache,
+    },
+}
+
+/// Which logits to return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Logits {
+    /// None: a pass run only for its captures stops after the deepest layer it needs.
+    None,
+    /// The last position only, `(b_sz, vocab)`: all a next-token probability needs.
+    #[default]
+    Last,
+    /// Every computed position, `(b_sz, seq_len, vocab)`.
+    All,
+}
+
+/// A forward pass: where it starts, what it changes and reads, what it returns.
+#[derive(Debug, Clone)]
+pub struct ForwardRequest<'a> {
+    /// Token ids or a prefix to resume from.
+    pub start: Start<'a>,
+    /// Edits, patches and captures.
+    pub interventions: &'a Interventions,
+    /// Which logits to compute.
+    pub logits: Logits,
+    /// Whether to return the keys and values of every layer run (to resume from later).
+    pub keep_kv: bool,
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// As asked by [`ForwardRequest::logits`], in f32.
+    pub logits: Option<Tensor>,
+    /// One tensor `(b_sz, tokens, d)` per capture, in request order.
+    pub captures: Vec<Tensor>,
+    /// Keys and values (full length, prefix included) when [`ForwardRequest::keep_kv`].
+    pub kv: Option<KvCache>,
+}
+
+/// The parts of a pre-norm decoder that differ between families.
+pub(crate) trait Decoder {
+    /// The model's sizes.
+    fn dims(&self) -> &Dims;
+    /// Token embeddings `(b_sz, seq_len, d)` of ids `(b_sz, seq_len)`.
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor>;
+    /// The residual stream entering layer 0: token embeddings plus position embeddings where
+    /// the family has them. `pos0` is the absolute position of the first token.
+    fn add_positions(&self, xs: Tensor, pos0: usize) -> Result<Tensor>;
+    /// The attention sublayer of `layer`, its input norm included, on the residual stream
+    /// `xs`. Returns its output and the layer's keys and values (`past` included).
+    fn attn(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        pos0: usize,
+        past: Option<&LayerKv>,
+    ) -> Result<(Tensor, LayerKv)>;
+    /// The MLP sublayer of `layer`, its input norm included.
+    fn mlp(&self, layer: usize, xs: &Tensor) -> Result<Tensor>;
+    /// Final norm and LM head on `(n, d)` or `(b, t, d)` states.
+    fn head(&self, xs: &Tensor) -> Result<Tensor>;
+}
+
+/// Runs one forward pass of `model`.
+pub(crate) fn run<M: Decoder + ?Sized>(
+    model: &M,
+    req: &ForwardRequest<'_>,
+) -> Result<ForwardOutput> {
+    let dims = model.dims();
+    let iv = req.interventions;
+    validate_sites(iv, dims.n_layers)?;
+
+    let mut captures: Vec<Option<Tensor>> = vec![None; iv.captures.len()];
+    let (mut xs, pos0, first_layer, past) = match &req.start {
+        Start::Tokens(ids) => {
+            let (_, seq_len) = ids.dims2()?;
+            if seq_len == 0 {
+                bail_request!("empty token rows");
+            }
+            if seq_len > dims.max_positions {
+                bail_request!(
+                    "{seq_len} tokens exceed the model's {} positions",
+                    dims.max_positions
+                );
+            }
+            let mut emb = model.embed_tokens(ids)?;
+            for edit in &iv.embed {
+                emb = intervene::apply_embed_edit(&emb, edit)?;
+            }
+            record(&mut captures, iv, Site::Embed, &emb, 0)?;
+            (model.add_positions(emb, 0)?, 0, 0, None)
+        }
+        Start::Resume { layer, pos, hidden, past } => {
+            if !iv.embed.is_empty() || iv.captures.iter().any(|c| c.site == Site::Embed) {
+                bail_request!("a resumed forward cannot edit or capture the embeddings");
+            }
+            if *layer > dims.n_layers {
+                bail_request!(
+                    "resume layer {layer} is beyond the model's {} layers",
+                    dims.n_layers
+                );
+            }
+            let (_, seq_len, _) = hidden.dims3()?;
+            if pos + seq_len > dims.max_positions {
+                bail_request!(
+                    "{} tokens exceed the model's {} positions",
+                    pos + seq_len,
+                    dims.max_positions
+                );
+            }
+            (hidden.clone(), *pos, *layer, (*pos > 0).then_some(*past))
+        }
+    };
+
+    // Without logits, the pass ends once the deepest patch or capture is done.
+    let last_layer = match req.logits {
+        Logits::None => iv.deepest_layer().map_or(first_layer, |l| l + 1),
+        Logits::Last | Logits::All => dims.n_layers,
+    };
+    let mut kv_out = req.keep_kv.then(|| KvCache { layers: vec![None; dims.n_layers] });
+    for layer in first_layer..last_layer {
+        let layer_past = match past {
+            Some(cache) => match cache.layers.get(layer).and_then(Option::as_ref) {
+                Some(kv) if kv.len() == pos0 => Some(kv),
+                Some(kv) => bail_request!(
+                    "past of layer {layer} holds {} tokens, expected {pos0}",
+                    kv.len()
+                ),
+                None => bail_request!("past has no keys and values for layer {layer}"),
+            },
+            None => None,
+        };
+        let (attn, kv) = model.attn(layer, &xs, pos0, layer_past)?;
+        if let Some(cache) = kv_out.as_mut() {
+            cache.layers[layer] = Some(kv);
+        }
+        let attn = step(&mut captures, iv, Site::Attn(layer), attn, pos0)?;
+        xs = (xs + attn)?;
+        let mlp = step(&mut captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
+        xs = step(&mut captures, iv, Site::Block(layer), (xs + mlp)?, pos0)?;
+    }
+
+    let logits = match req.logits {
+        Logits::None => None,
+        Logits::Last => {
+            let (_, seq_len, _) = xs.dims3()?;
+            Some(model.head(&xs.narrow(1, seq_len - 1, 1)?.squeeze(1)?)?)
+        }
+        Logits::All => Some(model.head(&xs)?),
+    };
+    let captures = captures
+        .into_iter()
+        .zip(&iv.captures)
+        .map(|(t, c)| {
+            t.ok_or_else(|| {
+                crate::error::Error::Request(format!("capture at {:?} was not reached", c.site))
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(ForwardOutput { logits, captures, kv: kv_out })
+}
+
+/// Patches then captures the state at `site`.
+fn step(
+    captures: &mut [Option<Tensor>],
+    iv: &Interventions,
+    site: Site,
+    xs: Tensor,
+    pos0: usize,
+) -> Result<Tensor> {
+    let xs = intervene::apply_patches(xs, site, &iv.patches, pos0)?;
+    record(captures, iv, site, &xs, pos0)?;
+    Ok(xs)
+}
+
+fn record(
+    captures: &mut [Option<Tensor>],
+    iv: &Interventions,
+    site: Site,
+    xs: &Tensor,
+    pos0: usize,
+) -> Result<()> {
+    for (slot, capture) in captures.iter_mut().zip(&iv.captures) {
+        if capture.site == site {
+            *slot = Some(intervene::read_capture(xs, capture, pos0)?);
+        }
+    }
+    Ok(())
+}
+
+fn validate_sites(iv: &Interventions, n_layers: usize) -> Result<()> {
+    let sites = iv.patches.iter().map(|p| p.site).chain(iv.captures.iter().map(|c| c.site));
+    for site in sites {
+        if let Some(layer) = site.layer().filter(|&l| l >= n_layers) {
+            bail_request!("{site:?}: layer {layer} is beyond the model's {n_layers} layers");
+        }
+    }
+    if iv.patches.iter().any(|p| p.site == Site::Embed) {
+        bail_request!("patch at Embed: use an embedding edit to change the embeddings");
+    }
+    Ok(())
+}
+
+/// Softmax over the last dimension in f32: next-token probabilities from logits.
+pub fn probabilities(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?)
+}

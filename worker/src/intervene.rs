@@ -1,0 +1,277 @@
+//! Intervention points: where a caller may edit, overwrite or read a model's internal state.
+//!
+//! Candle has no hooks, so interventions are data passed into the forward pass
+//! ([`crate::forward::ForwardRequest`]) rather than global state. Every position is an
+//! absolute token index into the full sequence, also when a forward resumes from a prefix.
+//!
+//! Order inside a forward pass, for each layer `l`:
+//!
+//! ```text
+//!   embeddings ── EmbedEdit ── capture(Embed) ── (+ positions) ─┐
+//!   ┌───────────────────────────────────────────────────────────┘
+//!   └─> attn(l) ── patch/capture(Attn(l)) ── + ── mlp(l) ── patch/capture(Mlp(l)) ── +
+//!        ── patch/capture(Block(l)) ─> next layer
+//! ```
+//!
+//! A capture sees the state after this pass's own patches at the same site.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use crate::error::{Result, bail_request};
+
+/// A place in the network whose state can be captured or overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Site {
+    /// The token embeddings, before position embeddings are added (GPT-2's `wte` output,
+    /// Llama's `embed_tokens` output): where causal tracing adds its noise.
+    Embed,
+    /// The output of block `l`: the residual stream after layer `l`.
+    Block(usize),
+    /// The attention sublayer's output of layer `l` (after its output projection, before it
+    /// is added to the residual stream).
+    Attn(usize),
+    /// The MLP sublayer's output of layer `l` (after its down projection, before it is added
+    /// to the residual stream).
+    Mlp(usize),
+}
+
+impl Site {
+    /// The layer the site belongs to; `None` for the embeddings.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            Site::Embed => None,
+            Site::Block(l) | Site::Attn(l) | Site::Mlp(l) => Some(l),
+        }
+    }
+}
+
+/// How an [`EmbedEdit`] combines its values with the embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbedOp {
+    /// `x += values`, computed in the values' dtype and rounded once to the model's dtype.
+    /// Noise in f64 added to f32 embeddings is thus what PyTorch's in-place
+    /// `x[rows, b:e] += noise` computes.
+    Add,
+    /// `x = values` (rounded to the model's dtype).
+    Replace,
+}
+
+/// An edit of the token embeddings of some rows over a range of tokens.
+#[derive(Debug, Clone)]
+pub struct EmbedEdit {
+    /// Batch rows to edit.
+    pub rows: Vec<usize>,
+    /// Token positions to edit.
+    pub tokens: Range<usize>,
+    /// Add or replace.
+    pub op: EmbedOp,
+    /// Shape `(rows.len(), tokens.len(), d_model)`, or `(1, tokens.len(), d_model)` to use
+    /// the same values for every row. Any float dtype.
+    pub values: Tensor,
+}
+
+/// An overwrite of a state at chosen rows and tokens.
+#[derive(Debug, Clone)]
+pub struct Patch {
+    /// Where; not [`Site::Embed`] (use an [`EmbedEdit`]).
+    pub site: Site,
+    /// Batch rows to overwrite.
+    pub rows: Vec<usize>,
+    /// Token positions to overwrite (absolute).
+    pub tokens: Vec<usize>,
+    /// Shape `(rows.len(), tokens.len(), d_model)`, or `(1, tokens.len(), d_model)` to write
+    /// the same values into every row (e.g. a clean state restored into every corrupted row).
+    pub values: Tensor,
+}
+
+/// A request to return a state for chosen tokens, for every row.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// Where.
+    pub site: Site,
+    /// Token positions (absolute), in the order the result should have them.
+    pub tokens: Vec<usize>,
+}
+
+/// Everything a forward pass should do besides computing the plain forward.
+#[derive(Debug, Clone, Default)]
+pub struct Interventions {
+    /// Edits of the token embeddings, applied in order.
+    pub embed: Vec<EmbedEdit>,
+    /// Overwrites, applied in order at their site (a later one wins where two overlap).
+    pub patches: Vec<Patch>,
+    /// States to return; the results come back in this order.
+    pub captures: Vec<Capture>,
+}
+
+impl Interventions {
+    /// Interventions that do nothing.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Adds a capture and returns its index in [`crate::forward::ForwardOutput::captures`].
+    pub fn capture(&mut self, site: Site, tokens: Vec<usize>) -> usize {
+        self.captures.push(Capture { site, tokens });
+        self.captures.len() - 1
+    }
+
+    /// The deepest layer any patch or capture touches.
+    pub(crate) fn deepest_layer(&self) -> Option<usize> {
+        let patch_layers = self.patches.iter().filter_map(|p| p.site.layer());
+        patch_layers.chain(self.captures.iter().filter_map(|c| c.site.layer())).max()
+    }
+}
+
+/// Row-major indices `row * seq_len + (token - pos0)` into a `(b_sz * seq_len, d)` view of a
+/// `(b_sz, seq_len, d)` state whose first token is at absolute position `pos0`.
+pub(crate) struct FlatIndex {
+    /// One entry per (row, token) pair, rows outermost.
+    pub(crate) indices: Vec<u32>,
+}
+
+impl FlatIndex {
+    /// Checks rows and tokens against the state's extent and builds the indices.
+    pub(crate) fn new(
+        what: &str,
+        rows: &[usize],
+        tokens: impl Iterator<Item = usize> + Clone,
+        b_sz: usize,
+        pos0: usize,
+        seq_len: usize,
+    ) -> Result<Self> {
+        let mut indices = Vec::new();
+        for &row in rows {
+            if row >= b_sz {
+                bail_request!("{what}: row {row} is outside the batch of {b_sz} rows");
+            }
+            for token in tokens.clone() {
+                if token < pos0 || token >= pos0 + seq_len {
+                    bail_request!(
+                        "{what}: token {token} is outside the computed tokens {pos0}..{}",
+                        pos0 + seq_len
+                    );
+                }
+                let flat = row * seq_len + (token - pos0);
+                indices.push(u32::try_from(flat).map_err(|_| {
+                    crate::error::Error::Request(format!("{what}: state too large to index"))
+                })?);
+            }
+        }
+        Ok(Self { indices })
+    }
+
+    fn tensor(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::new(self.indices.as_slice(), device)?)
+    }
+}
+
+/// Brings `values` of shape `(n_rows or 1, n_tokens, d)` to `(n_rows * n_tokens, d)`.
+fn flatten_values(
+    what: &str,
+    values: &Tensor,
+    n_rows: usize,
+    n_tokens: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let dims = values.dims();
+    let ok = dims.len() == 3
+        && (dims[0] == n_rows || dims[0] == 1)
+        && dims[1] == n_tokens
+        && dims[2] == d;
+    if !ok {
+        bail_request!(
+            "{what}: values have shape {dims:?}, expected ({n_rows} or 1, {n_tokens}, {d})"
+        );
+    }
+    let values = if dims[0] == n_rows {
+        values.clone()
+    } else {
+        values.broadcast_as((n_rows, n_tokens, d))?
+    };
+    Ok(values.reshape((n_rows * n_tokens, d))?)
+}
+
+/// Overwrites rows `index` of the flattened state with `values`: an exact copy, so writing a
+/// state's own value back changes nothing, bit for bit.
+fn overwrite(xs: &Tensor, index: &FlatIndex, values: &Tensor) -> Result<Tensor> {
+    let (b_sz, seq_len, d) = xs.dims3()?;
+    let flat = xs.reshape((b_sz * seq_len, d))?;
+    let idx = index
+        .tensor(xs.device())?
+        .unsqueeze(1)?
+        .broadcast_as((index.indices.len(), d))?
+        .contiguous()?;
+    let values = values.to_dtype(xs.dtype())?.contiguous()?;
+    Ok(flat.scatter(&idx, &values, 0)?.reshape((b_sz, seq_len, d))?)
+}
+
+/// Applies an embedding edit to token embeddings `xs` of shape `(b_sz, seq_len, d)`.
+pub(crate) fn apply_embed_edit(xs: &Tensor, edit: &EmbedEdit) -> Result<Tensor> {
+    let (b_sz, seq_len, d) = xs.dims3()?;
+    let index =
+        FlatIndex::new("embedding edit", &edit.rows, edit.tokens.clone(), b_sz, 0, seq_len)?;
+    let values =
+        flatten_values("embedding edit", &edit.values, edit.rows.len(), edit.tokens.len(), d)?;
+    let new = match edit.op {
+        EmbedOp::Replace => values,
+        EmbedOp::Add => {
+            let current =
+                xs.reshape((b_sz * seq_len, d))?.index_select(&index.tensor(xs.device())?, 0)?;
+            let wide = promote(xs.dtype(), values.dtype());
+            (current.to_dtype(wide)? + values.to_dtype(wide)?)?
+        }
+    };
+    overwrite(xs, &index, &new)
+}
+
+/// The dtype an addition of `a` and `b` is computed in: the wider of the two.
+fn promote(a: DType, b: DType) -> DType {
+    if a.size_in_bytes() >= b.size_in_bytes() { a } else { b }
+}
+
+/// Applies every patch of `site` to the state `xs` (`(b_sz, seq_len, d)`, first token at `pos0`).
+pub(crate) fn apply_patches(
+    xs: Tensor,
+    site: Site,
+    patches: &[Patch],
+    pos0: usize,
+) -> Result<Tensor> {
+    let mut xs = xs;
+    for patch in patches.iter().filter(|p| p.site == site) {
+        let (b_sz, seq_len, d) = xs.dims3()?;
+        let what = format!("patch at {site:?}");
+        let index =
+            FlatIndex::new(&what, &patch.rows, patch.tokens.iter().copied(), b_sz, pos0, seq_len)?;
+        let values = flatten_values(&what, &patch.values, patch.rows.len(), patch.tokens.len(), d)?;
+        xs = overwrite(&xs, &index, &values)?;
+    }
+    Ok(xs)
+}
+
+/// Reads the captured tokens of `xs` (`(b_sz, seq_len, d)`, first token at `pos0`) as
+/// `(b_sz, tokens.len(), d)`.
+pub(crate) fn read_capture(xs: &Tensor, capture: &Capture, pos0: usize) -> Result<Tensor> {
+    let (_, seq_len, _) = xs.dims3()?;
+    let mut local = Vec::with_capacity(capture.tokens.len());
+    for &token in &capture.tokens {
+        if token < pos0 || token >= pos0 + seq_len {
+            bail_request!(
+                "capture at {:?}: token {token} is outside the computed tokens {pos0}..{}",
+                capture.site,
+                pos0 + seq_len
+            );
+        }
+        local.push(u32::try_from(token - pos0).unwrap_or(u32::MAX));
+    }
+    // A contiguous run (the common case) is a cheap narrow; anything else an index_select.
+    let contiguous_run = local.windows(2).all(|w| w[1] == w[0] + 1);
+    if contiguous_run && !local.is_empty() {
+        let start = local[0] as usize;
+        return Ok(xs.i((.., start..start + local.len(), ..))?.contiguous()?);
+    }
+    let idx = Tensor::new(local.as_slice(), xs.device())?;
+    Ok(xs.index_select(&idx, 1)?)
+}

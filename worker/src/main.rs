@@ -1,0 +1,33 @@
+//! `worker`: the causal-tracing worker binary. Parses the command line, sets up logging and
+//! hands over to the library.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use worker::cli::{Cli, Command, run_predict};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let result = match &cli.command {
+        Command::Predict(args) => run_predict(args, &mut std::io::stdout().lock()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // Print the whole chain: "loading x: missing tensor y" says what and where.
+            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", chain.join(": "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

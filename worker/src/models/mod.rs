@@ -1,0 +1,114 @@
+//! The model families, one file each, behind one [`Model`] type.
+
+pub mod gpt2;
+pub mod llama;
+pub(crate) mod nn;
+pub mod rope;
+
+use crate::error::{Error, Result};
+use crate::forward::{self, Decoder, Dims, ForwardOutput, ForwardRequest};
+use crate::weights::Weights;
+
+/// The architectures the engine implements, as config.json's `model_type` names them.
+pub const SUPPORTED: &str = "gpt2, llama, mistral, qwen2";
+
+/// A family's resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    /// GPT-2.
+    Gpt2(gpt2::Config),
+    /// Llama, SmolLM2, Mistral, Qwen2.
+    Llama(llama::Config),
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face `config.json`; `source` names it in errors.
+    pub fn from_hf_json(text: &str, source: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            Error::CorruptFile { path: source.into(), format: "JSON", message: e.to_string() }
+        })?;
+        let model_type =
+            value.get("model_type").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        match model_type.as_str() {
+            "gpt2" => {
+                Ok(Self::Gpt2(deserialize::<gpt2::RawConfig>(value, source)?.into_config(source)?))
+            }
+            "llama" | "mistral" | "qwen2" => Ok(Self::Llama(
+                deserialize::<llama::RawConfig>(value, source)?.into_config(source)?,
+            )),
+            _ => Err(Error::UnknownArchitecture {
+                source_name: source.to_string(),
+                name: model_type,
+                supported: SUPPORTED,
+            }),
+        }
+    }
+}
+
+/// Deserializes a config, naming the field that is missing or has the wrong type.
+fn deserialize<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    source: &str,
+) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // A missing field is reported at its parent ("."), with the name only in the message.
+        let field = match path.as_str() {
+            "." => inner.to_string().split('`').nth(1).unwrap_or("?").to_string(),
+            _ => path,
+        };
+        Error::Config { source_name: source.to_string(), field, message: inner.to_string() }
+    })
+}
+
+/// A loaded transformer with intervention points.
+pub enum Model {
+    /// GPT-2.
+    Gpt2(gpt2::Gpt2),
+    /// Llama-style.
+    Llama(llama::Llama),
+}
+
+impl Model {
+    /// Builds the model of `cfg` from `weights`.
+    pub(crate) fn new(cfg: ModelConfig, weights: &Weights) -> Result<Self> {
+        Ok(match cfg {
+            ModelConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::new(c, weights)?),
+            ModelConfig::Llama(c) => Self::Llama(llama::Llama::new(c, weights)?),
+        })
+    }
+
+    fn decoder(&self) -> &dyn Decoder {
+        match self {
+            Self::Gpt2(m) => m,
+            Self::Llama(m) => m,
+        }
+    }
+
+    /// The model's sizes.
+    pub fn dims(&self) -> &Dims {
+        self.decoder().dims()
+    }
+
+    /// Runs one forward pass; see [`crate::forward`].
+    pub fn forward(&self, req: &ForwardRequest<'_>) -> Result<ForwardOutput> {
+        forward::run(self.decoder(), req)
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &candle_core::Device {
+        match self {
+            Self::Gpt2(m) => m.device(),
+            Self::Llama(m) => m.device(),
+        }
+    }
+
+    /// The family's name.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Self::Gpt2(_) => "gpt2",
+            Self::Llama(_) => "llama",
+        }
+    }
+}

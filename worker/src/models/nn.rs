@@ -1,0 +1,131 @@
+//! Building blocks shared by the model families: linear layers, causal attention over a
+//! key/value prefix, and the tracing spans around them.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::forward::LayerKv;
+
+/// `y = x W + b` with `W` stored as `(in, out)`.
+///
+/// Hugging Face `Linear` weights are `(out, in)` and GPT-2's `Conv1D` weights are `(in, out)`;
+/// both are kept as an `(in, out)` view of the stored tensor.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    w_in_out: Tensor,
+    bias: Option<Tensor>,
+    span: tracing::Span,
+}
+
+impl Linear {
+    /// From a Hugging Face `Linear` weight `(out, in)`.
+    pub(crate) fn from_out_in(weight: Tensor, bias: Option<Tensor>, name: &str) -> Result<Self> {
+        Self::from_in_out(weight.t()?, bias, name)
+    }
+
+    /// From an `(in, out)` weight, e.g. GPT-2's `Conv1D`.
+    pub(crate) fn from_in_out(w_in_out: Tensor, bias: Option<Tensor>, name: &str) -> Result<Self> {
+        // A transposed view is kept as is: gemm packs its operands whatever their strides, and a
+        // copy would double the memory of tied embeddings.
+        Ok(Self { w_in_out, bias, span: tracing::trace_span!("linear", name) })
+    }
+
+    /// Applies the layer to `(…, in)`.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let dims = xs.dims().to_vec();
+        let in_dim = dims.last().copied().unwrap_or(0);
+        let rows = xs.elem_count() / in_dim.max(1);
+        let ys = xs.reshape((rows, in_dim))?.matmul(&self.w_in_out)?;
+        let ys = match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.w_in_out.dim(1)?;
+        }
+        Ok(ys.reshape(out_dims)?)
+    }
+}
+
+/// Scaled dot-product attention of queries `q` `(b, n_heads, t_q, head_dim)` for absolute
+/// positions `pos0..pos0 + t_q` over keys and values `(b, n_kv_heads, pos0 + t_q, head_dim)`
+/// (grouped-query attention when `n_kv_heads < n_heads`), causal, and limited to the last
+/// `window` positions when the model has a sliding window.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    kv: &LayerKv,
+    pos0: usize,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (b_sz, n_heads, t_q, head_dim) = q.dims4()?;
+    let (_, n_kv_heads, t_k, _) = kv.k.dims4()?;
+    let n_rep = n_heads / n_kv_heads;
+    // Queries of the heads that share a key/value head are stacked along the sequence axis so
+    // that one matmul per kv head serves them all, without copying keys n_rep times.
+    let q = q.reshape((b_sz, n_kv_heads, n_rep * t_q, head_dim))?;
+    let scores = (q.matmul(&kv.k.t()?)? * scale)?;
+    let scores = match causal_mask(t_q, t_k, pos0, window, q.device())? {
+        Some(mask) => scores
+            .reshape((b_sz, n_kv_heads, n_rep, t_q, t_k))?
+            .broadcast_add(&mask)?
+            .reshape((b_sz, n_kv_heads, n_rep * t_q, t_k))?,
+        None => scores,
+    };
+    let probs =
+        candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(kv.v.dtype())?;
+    let out = probs.matmul(&kv.v)?;
+    Ok(out.reshape((b_sz, n_heads, t_q, head_dim))?)
+}
+
+/// Additive mask `(t_q, t_k)`: 0 where query `pos0 + i` may see key `j`, -inf elsewhere.
+/// `None` when every query sees every key (one query at the end, no window in the way).
+fn causal_mask(
+    t_q: usize,
+    t_k: usize,
+    pos0: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let window_bites = window.is_some_and(|w| t_k > w);
+    if t_q == 1 && !window_bites {
+        return Ok(None);
+    }
+    let mut mask = vec![0f32; t_q * t_k];
+    for i in 0..t_q {
+        let q_pos = pos0 + i;
+        for j in 0..t_k {
+            let future = j > q_pos;
+            // transformers' sliding window keeps keys with q_pos - j < window.
+            let too_old = window.is_some_and(|w| q_pos >= j + w);
+            if future || too_old {
+                mask[i * t_k + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(mask, (t_q, t_k), device)?))
+}
+
+/// Appends the new keys and values to the prefix's.
+pub(crate) fn extend_kv(past: Option<&LayerKv>, k: Tensor, v: Tensor) -> Result<LayerKv> {
+    Ok(match past {
+        Some(past) if !past.is_empty() => {
+            LayerKv { k: Tensor::cat(&[&past.k, &k], 2)?, v: Tensor::cat(&[&past.v, &v], 2)? }
+        }
+        _ => LayerKv { k, v },
+    })
+}
+
+/// Splits `(b, t, n_heads * head_dim)` into `(b, n_heads, t, head_dim)`, contiguous.
+pub(crate) fn split_heads(xs: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b_sz, seq_len, _) = xs.dims3()?;
+    Ok(xs.reshape((b_sz, seq_len, n_heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// Merges `(b, n_heads, t, head_dim)` back into `(b, t, n_heads * head_dim)`.
+pub(crate) fn merge_heads(xs: &Tensor) -> Result<Tensor> {
+    let (b_sz, n_heads, seq_len, head_dim) = xs.dims4()?;
+    Ok(xs.transpose(1, 2)?.reshape((b_sz, seq_len, n_heads * head_dim))?)
+}
