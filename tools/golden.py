@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Writes the reference fixtures the engine's parity tests compare against.
+
+Run by hand (not in CI), from the repository root, in an environment with PyTorch,
+transformers and gguf from PyPI (tools/golden-requirements.txt):
+
+    python tools/golden.py --smollm2 "$(scripts/fetch-model.sh)" --knowns ../shared/data/known_1000.json
+
+It writes, under tests/fixtures/:
+
+- tiny/<family>/: tiny randomly initialised GPT-2, Llama (GQA, untied head, Llama 3 RoPE
+  scaling), Qwen2 (q/k/v biases, tied head) and Mistral (sliding window, explicit head_dim)
+  models saved by transformers as safetensors folders, each with reference.safetensors:
+  `input_ids` (2, 12) and `logits` (2, 12, vocab) from transformers' forward in f32.
+- smollm2/reference.safetensors + prompts.json: SmolLM2-135M-Instruct loaded by transformers
+  from the GGUF file (dequantized to f32): token ids and last-position logits of a few prompts.
+- smollm2/known_1000_ids.json: transformers' token ids (tokenizer built from the GGUF) of
+  every prompt of known_1000.json, keyed by known_id.
+
+Everything is seeded, so a rerun with the same library versions rewrites the same files.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+SEQ_LEN = 12
+VOCAB = 256
+
+SMOLLM2_PROMPTS = [
+    "Joseph Goebbels worked in the city of",
+    "Vinson Massif is located in the continent of",
+    "Beats Music is owned by",
+    "The Space Needle is located in the city of",
+    "In 1969, the first person to walk on the moon was",
+    "Apple A5 was created by",
+]
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Re-draws every parameter so activations and logits are O(1)-O(10): with the default
+    0.02 init a wrong attention or norm would move logits by less than the tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name or "ln_" in name:
+                p.copy_((1.0 + 0.2 * noise) if name.endswith("weight") else 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5 * 1.5)
+
+
+def tiny_configs():
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        # With head_dim 8 this puts frequencies in each of the three regimes.
+        "original_max_position_embeddings": 64,
+    }
+    return {
+        "gpt2": transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=4, activation_function="gelu_new",
+            bos_token_id=0, eos_token_id=0,
+        ),
+        "llama": transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, rope_parameters=llama3,
+        ),
+        "qwen2": transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+        "mistral": transformers.MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=12, max_position_embeddings=64,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=4,
+        ),
+    }
+
+
+def write_tiny(seed: int) -> None:
+    for index, (name, config) in enumerate(tiny_configs().items()):
+        torch.manual_seed(seed + index)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model.eval()
+        randomize(model, seed + index)
+        out = FIXTURES / "tiny" / name
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        gen = torch.Generator().manual_seed(seed + 100 + index)
+        ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=gen)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        save_file({"input_ids": ids.to(torch.int64), "logits": logits.contiguous()}, out / "reference.safetensors")
+        print(f"{name}: logits range [{logits.min():.2f}, {logits.max():.2f}] -> {out}")
+
+
+def write_smollm2(gguf_path: Path, knowns_path: Path | None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    out = FIXTURES / "smollm2"
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, records = {}, []
+    rows = []
+    for i, prompt in enumerate(SMOLLM2_PROMPTS):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        tensors[f"input_ids.{i}"] = ids[0].to(torch.int64).contiguous()
+        rows.append(logits)
+        top = torch.topk(logits, 5)
+        records.append({
+            "prompt": prompt,
+            "ids": ids[0].tolist(),
+            "top5": top.indices.tolist(),
+            "top5_tokens": [tokenizer.decode([t]) for t in top.indices.tolist()],
+        })
+        print(f"{prompt!r} -> {records[-1]['top5_tokens']}")
+    tensors["logits"] = torch.stack(rows).contiguous()
+    save_file(tensors, out / "reference.safetensors")
+    meta = {
+        "model": name,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "prompts": records,
+    }
+    if knowns_path is not None:
+        knowns = json.loads(knowns_path.read_text())
+        ids = {str(k["known_id"]): tokenizer(k["prompt"]).input_ids for k in knowns}
+        text = json.dumps(ids, separators=(",", ":"))
+        (out / "known_1000_ids.json").write_text(text + "\n")
+        print(f"token ids of {len(ids)} prompts -> {out / 'known_1000_ids.json'}")
+        meta["known_1000_first_token_correct"] = count_known(model, tokenizer, knowns)
+        print(f"transformers predicts {meta['known_1000_first_token_correct']} of {len(knowns)} known facts")
+    (out / "prompts.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+
+
+def count_known(model, tokenizer, knowns) -> int:
+    """Facts whose argmax next token is the first token of " " + attribute."""
+    correct = 0
+    for k in knowns:
+        ids = tokenizer(k["prompt"], return_tensors="pt").input_ids
+        with torch.no_grad():
+            top = int(model(input_ids=ids).logits[0, -1].argmax())
+        correct += top == tokenizer(" " + k["attribute"]).input_ids[0]
+    return correct
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", type=Path, help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--knowns", type=Path, help="known_1000.json, for the tokenizer fixture")
+    parser.add_argument("--seed", type=int, default=20221)
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(int(os.environ.get("GOLDEN_THREADS", "2")))
+    write_tiny(args.seed)
+    if args.smollm2:
+        write_smollm2(args.smollm2, args.knowns)
+
+
+if __name__ == "__main__":
+    main()
