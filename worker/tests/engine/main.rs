@@ -1,0 +1,11 @@
+//! The engine's integration tests: one binary, one module per subject (see matklad's
+//! "Delete Cargo Integration Tests").
+
+mod cli;
+mod errors;
+mod gguf_roundtrip;
+mod golden;
+mod interventions;
+mod smollm2;
+mod tokenizers;
+mod util;
