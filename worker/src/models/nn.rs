@@ -66,7 +66,8 @@ pub(crate) fn causal_attention(
     // Queries of the heads that share a key/value head are stacked along the sequence axis so
     // that one matmul per kv head serves them all, without copying keys n_rep times.
     let q = q.reshape((b_sz, n_kv_heads, n_rep * t_q, head_dim))?;
-    let scores = (q.matmul(&kv.k.t()?)? * scale)?;
+    // Scores, mask and softmax in f32 whatever the model's dtype, as transformers does.
+    let scores = (q.matmul(&kv.k.t()?)? * scale)?.to_dtype(DType::F32)?;
     let scores = match causal_mask(t_q, t_k, pos0, window, q.device())? {
         Some(mask) => scores
             .reshape((b_sz, n_kv_heads, n_rep, t_q, t_k))?

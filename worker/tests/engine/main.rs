@@ -6,6 +6,7 @@ mod errors;
 mod gguf_roundtrip;
 mod golden;
 mod interventions;
+mod loading;
 mod smollm2;
 mod tokenizers;
 mod util;
