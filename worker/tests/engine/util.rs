@@ -53,11 +53,18 @@ pub fn gpt2_vocab_dir() -> PathBuf {
     dir
 }
 
-/// ROME's knowns dataset, used in place (never copied into the repository).
+/// ROME's knowns dataset, used in place (never copied into the repository): `CT_KNOWNS`, or
+/// `../shared/data/known_1000.json` beside the checkout.
 pub fn knowns_path() -> PathBuf {
-    std::env::var("CT_KNOWNS")
+    let path = std::env::var("CT_KNOWNS")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join("../shared/data/known_1000.json"))
+        .unwrap_or_else(|_| repo_root().join("../shared/data/known_1000.json"));
+    assert!(
+        path.is_file(),
+        "{} is missing: set CT_KNOWNS to known_1000.json (see README)",
+        path.display()
+    );
+    path
 }
 
 /// The loaded SmolLM2, shared by every test of the binary (loading dequantizes 135M weights).
