@@ -11,7 +11,7 @@
 
 use candle_core::{D, Tensor};
 
-use crate::error::{Result, bail_request};
+use crate::error::{Error, Result, bail_request};
 use crate::intervene::{self, Interventions, Site};
 
 /// The sizes every architecture has.
@@ -70,6 +70,17 @@ impl KvCache {
                 v: kv.v.contiguous()?.index_select(rows, 0)?,
             })
         })
+    }
+
+    /// The keys and values of `layer`, which must hold `len` tokens.
+    pub fn layer(&self, layer: usize, len: usize) -> Result<&LayerKv> {
+        match self.layers.get(layer).and_then(Option::as_ref) {
+            Some(kv) if kv.len() == len => Ok(kv),
+            Some(kv) => {
+                bail_request!("past of layer {layer} holds {} tokens, expected {len}", kv.len())
+            }
+            None => bail_request!("past has no keys and values for layer {layer}"),
+        }
     }
 
     fn map(&self, f: impl Fn(&LayerKv) -> Result<LayerKv>) -> Result<Self> {
@@ -185,11 +196,14 @@ pub(crate) fn run<M: Decoder + ?Sized>(
                 emb = intervene::apply_embed_edit(&emb, edit)?;
             }
             record(&mut captures, iv, Site::Embed, &emb, 0)?;
-            (model.add_positions(emb, 0)?, 0, 0, None)
+            let input = at_site(&mut captures, iv, Site::Input, model.add_positions(emb, 0)?, 0)?;
+            (input, 0, 0, None)
         }
         Start::Resume { layer, pos, hidden, past } => {
-            if !iv.embed.is_empty() || iv.captures.iter().any(|c| c.site == Site::Embed) {
-                bail_request!("a resumed forward cannot edit or capture the embeddings");
+            if !iv.embed.is_empty() || iv.sites().any(|s| matches!(s, Site::Embed | Site::Input)) {
+                bail_request!(
+                    "a resumed forward cannot change or capture the embeddings or the input stream"
+                );
             }
             if *layer > dims.n_layers {
                 bail_request!(
@@ -217,48 +231,58 @@ pub(crate) fn run<M: Decoder + ?Sized>(
     let mut kv_out = req.keep_kv.then(|| KvCache { layers: vec![None; dims.n_layers] });
     for layer in first_layer..last_layer {
         let layer_past = match past {
-            Some(cache) => match cache.layers.get(layer).and_then(Option::as_ref) {
-                Some(kv) if kv.len() == pos0 => Some(kv),
-                Some(kv) => bail_request!(
-                    "past of layer {layer} holds {} tokens, expected {pos0}",
-                    kv.len()
-                ),
-                None => bail_request!("past has no keys and values for layer {layer}"),
-            },
+            Some(cache) => Some(cache.layer(layer, pos0)?),
             None => None,
         };
-        let (attn, kv) = model.attn(layer, &xs, pos0, layer_past)?;
+        let (out, kv) = layer_step(model, layer, xs, pos0, layer_past, iv, &mut captures)?;
+        xs = out;
         if let Some(cache) = kv_out.as_mut() {
             cache.layers[layer] = Some(kv);
         }
-        let attn = step(&mut captures, iv, Site::Attn(layer), attn, pos0)?;
-        xs = (xs + attn)?;
-        let mlp = step(&mut captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
-        xs = step(&mut captures, iv, Site::Block(layer), (xs + mlp)?, pos0)?;
     }
 
     let logits = match req.logits {
         Logits::None => None,
-        Logits::Last => {
-            let (_, seq_len, _) = xs.dims3()?;
-            Some(model.head(&xs.narrow(1, seq_len - 1, 1)?.squeeze(1)?)?)
-        }
+        Logits::Last => Some(last_position_logits(model, &xs)?),
         Logits::All => Some(model.head(&xs)?),
     };
     let captures = captures
         .into_iter()
         .zip(&iv.captures)
         .map(|(t, c)| {
-            t.ok_or_else(|| {
-                crate::error::Error::Request(format!("capture at {:?} was not reached", c.site))
-            })
+            t.ok_or_else(|| Error::Request(format!("capture at {:?} was not reached", c.site)))
         })
         .collect::<Result<_>>()?;
     Ok(ForwardOutput { logits, captures, kv: kv_out })
 }
 
-/// Patches then captures the state at `site`.
-fn step(
+/// One block: attention and MLP with their residual adds, and the interventions of their
+/// sites. Returns the block's output and its keys and values (`past` included).
+pub(crate) fn layer_step<M: Decoder + ?Sized>(
+    model: &M,
+    layer: usize,
+    xs: Tensor,
+    pos0: usize,
+    past: Option<&LayerKv>,
+    iv: &Interventions,
+    captures: &mut [Option<Tensor>],
+) -> Result<(Tensor, LayerKv)> {
+    let (attn, kv) = model.attn(layer, &xs, pos0, past)?;
+    let attn = at_site(captures, iv, Site::Attn(layer), attn, pos0)?;
+    let xs = (xs + attn)?;
+    let mlp = at_site(captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
+    let xs = at_site(captures, iv, Site::Block(layer), (xs + mlp)?, pos0)?;
+    Ok((xs, kv))
+}
+
+/// Logits `(b, vocab)` of the last position of `xs` `(b, t, d)`.
+pub(crate) fn last_position_logits<M: Decoder + ?Sized>(model: &M, xs: &Tensor) -> Result<Tensor> {
+    let (_, seq_len, _) = xs.dims3()?;
+    model.head(&xs.narrow(1, seq_len - 1, 1)?.squeeze(1)?)
+}
+
+/// Patches, copies, then captures the state at `site`.
+fn at_site(
     captures: &mut [Option<Tensor>],
     iv: &Interventions,
     site: Site,
@@ -266,6 +290,7 @@ fn step(
     pos0: usize,
 ) -> Result<Tensor> {
     let xs = intervene::apply_patches(xs, site, &iv.patches, pos0)?;
+    let xs = intervene::apply_copies(xs, site, &iv.copies, pos0)?;
     record(captures, iv, site, &xs, pos0)?;
     Ok(xs)
 }
@@ -286,13 +311,14 @@ fn record(
 }
 
 fn validate_sites(iv: &Interventions, n_layers: usize) -> Result<()> {
-    let sites = iv.patches.iter().map(|p| p.site).chain(iv.captures.iter().map(|c| c.site));
-    for site in sites {
+    for site in iv.sites() {
         if let Some(layer) = site.layer().filter(|&l| l >= n_layers) {
             bail_request!("{site:?}: layer {layer} is beyond the model's {n_layers} layers");
         }
     }
-    if iv.patches.iter().any(|p| p.site == Site::Embed) {
+    if iv.patches.iter().any(|p| p.site == Site::Embed)
+        || iv.copies.iter().any(|c| c.site == Site::Embed)
+    {
         bail_request!("patch at Embed: use an embedding edit to change the embeddings");
     }
     Ok(())

@@ -7,13 +7,14 @@
 //! Order inside a forward pass, for each layer `l`:
 //!
 //! ```text
-//!   embeddings ── EmbedEdit ── capture(Embed) ── (+ positions) ─┐
-//!   ┌───────────────────────────────────────────────────────────┘
+//!   embeddings ── EmbedEdit ── capture(Embed) ── (+ positions) ── patch/capture(Input) ─┐
+//!   ┌──────────────────────────────────────────────────────────────────────────────────┘
 //!   └─> attn(l) ── patch/capture(Attn(l)) ── + ── mlp(l) ── patch/capture(Mlp(l)) ── +
 //!        ── patch/capture(Block(l)) ─> next layer
 //! ```
 //!
-//! A capture sees the state after this pass's own patches at the same site.
+//! At each site, patches apply first, then row copies, then captures: a capture sees the
+//! state after this pass's own changes at the same site.
 
 use std::ops::Range;
 
@@ -27,6 +28,9 @@ pub enum Site {
     /// The token embeddings, before position embeddings are added (GPT-2's `wte` output,
     /// Llama's `embed_tokens` output): where causal tracing adds its noise.
     Embed,
+    /// The residual stream entering layer 0: token embeddings plus position embeddings where
+    /// the family has them (GPT-2), the token embeddings otherwise.
+    Input,
     /// The output of block `l`: the residual stream after layer `l`.
     Block(usize),
     /// The attention sublayer's output of layer `l` (after its output projection, before it
@@ -41,7 +45,7 @@ impl Site {
     /// The layer the site belongs to; `None` for the embeddings.
     pub fn layer(self) -> Option<usize> {
         match self {
-            Site::Embed => None,
+            Site::Embed | Site::Input => None,
             Site::Block(l) | Site::Attn(l) | Site::Mlp(l) => Some(l),
         }
     }
@@ -86,6 +90,21 @@ pub struct Patch {
     pub values: Tensor,
 }
 
+/// An overwrite of a state at chosen rows and tokens with the same state of another row of
+/// the same pass: ROME's `h[1:, t] = h[0, t]`, which restores the clean row's value computed
+/// in the very batch being run.
+#[derive(Debug, Clone)]
+pub struct RowCopy {
+    /// Where; not [`Site::Embed`].
+    pub site: Site,
+    /// The row whose values are copied.
+    pub from_row: usize,
+    /// Rows to overwrite.
+    pub rows: Vec<usize>,
+    /// Token positions (absolute).
+    pub tokens: Vec<usize>,
+}
+
 /// A request to return a state for chosen tokens, for every row.
 #[derive(Debug, Clone)]
 pub struct Capture {
@@ -102,6 +121,8 @@ pub struct Interventions {
     pub embed: Vec<EmbedEdit>,
     /// Overwrites, applied in order at their site (a later one wins where two overlap).
     pub patches: Vec<Patch>,
+    /// Copies between rows, applied at their site after the patches.
+    pub copies: Vec<RowCopy>,
     /// States to return; the results come back in this order.
     pub captures: Vec<Capture>,
 }
@@ -118,10 +139,22 @@ impl Interventions {
         self.captures.len() - 1
     }
 
-    /// The deepest layer any patch or capture touches.
+    /// The deepest layer any patch, copy or capture touches.
     pub(crate) fn deepest_layer(&self) -> Option<usize> {
         let patch_layers = self.patches.iter().filter_map(|p| p.site.layer());
-        patch_layers.chain(self.captures.iter().filter_map(|c| c.site.layer())).max()
+        let copy_layers = self.copies.iter().filter_map(|c| c.site.layer());
+        patch_layers
+            .chain(copy_layers)
+            .chain(self.captures.iter().filter_map(|c| c.site.layer()))
+            .max()
+    }
+
+    /// Every site a patch, copy or capture names.
+    pub(crate) fn sites(&self) -> impl Iterator<Item = Site> + '_ {
+        let patches = self.patches.iter().map(|p| p.site);
+        patches
+            .chain(self.copies.iter().map(|c| c.site))
+            .chain(self.captures.iter().map(|c| c.site))
     }
 }
 
@@ -246,6 +279,37 @@ pub(crate) fn apply_patches(
         let index =
             FlatIndex::new(&what, &patch.rows, patch.tokens.iter().copied(), b_sz, pos0, seq_len)?;
         let values = flatten_values(&what, &patch.values, patch.rows.len(), patch.tokens.len(), d)?;
+        xs = overwrite(&xs, &index, &values)?;
+    }
+    Ok(xs)
+}
+
+/// Applies every row copy of `site` to the state `xs` (`(b_sz, seq_len, d)`, first token at
+/// `pos0`).
+pub(crate) fn apply_copies(
+    xs: Tensor,
+    site: Site,
+    copies: &[RowCopy],
+    pos0: usize,
+) -> Result<Tensor> {
+    let mut xs = xs;
+    for copy in copies.iter().filter(|c| c.site == site) {
+        let (b_sz, seq_len, d) = xs.dims3()?;
+        let what = format!("row copy at {site:?}");
+        let source = FlatIndex::new(
+            &what,
+            &[copy.from_row],
+            copy.tokens.iter().copied(),
+            b_sz,
+            pos0,
+            seq_len,
+        )?;
+        let index =
+            FlatIndex::new(&what, &copy.rows, copy.tokens.iter().copied(), b_sz, pos0, seq_len)?;
+        let values =
+            xs.reshape((b_sz * seq_len, d))?.index_select(&source.tensor(xs.device())?, 0)?;
+        let values =
+            flatten_values(&what, &values.unsqueeze(0)?, copy.rows.len(), copy.tokens.len(), d)?;
         xs = overwrite(&xs, &index, &values)?;
     }
     Ok(xs)

@@ -3,10 +3,14 @@
 pub mod gpt2;
 pub mod llama;
 pub(crate) mod nn;
+pub(crate) mod ops;
 pub mod rope;
 
 use crate::error::{Error, Result};
-use crate::forward::{self, Decoder, Dims, ForwardOutput, ForwardRequest};
+use candle_core::Tensor;
+
+use crate::forward::{self, Decoder, Dims, ForwardOutput, ForwardRequest, LayerKv};
+use crate::intervene::Interventions;
 use crate::weights::Weights;
 
 /// The architectures the engine implements, as config.json's `model_type` names them.
@@ -94,6 +98,38 @@ impl Model {
     /// Runs one forward pass; see [`crate::forward`].
     pub fn forward(&self, req: &ForwardRequest<'_>) -> Result<ForwardOutput> {
         forward::run(self.decoder(), req)
+    }
+
+    /// One block on the residual stream `xs` `(b, t, d)` whose first token is at `pos0`,
+    /// attending to `past` (keys/values of tokens `< pos0`), with the patches and row copies of
+    /// `iv` at this layer's sites. For callers that drive layers themselves, such as tracing's
+    /// fast path, where rows join a batch at different layers. Captures belong in [`Model::forward`].
+    pub fn run_layer(
+        &self,
+        layer: usize,
+        xs: Tensor,
+        pos0: usize,
+        past: Option<&LayerKv>,
+        iv: &Interventions,
+    ) -> Result<(Tensor, LayerKv)> {
+        if layer >= self.dims().n_layers {
+            return Err(Error::Request(format!(
+                "layer {layer} is beyond the model's {} layers",
+                self.dims().n_layers
+            )));
+        }
+        if !iv.captures.is_empty() || !iv.embed.is_empty() {
+            return Err(Error::Request("run_layer takes patches and row copies only".into()));
+        }
+        if let Some(kv) = past.filter(|kv| kv.len() != pos0) {
+            return Err(Error::Request(format!("past holds {} tokens, expected {pos0}", kv.len())));
+        }
+        forward::layer_step(self.decoder(), layer, xs, pos0, past, iv, &mut [])
+    }
+
+    /// Logits `(b, vocab)` at the last position of the final residual stream `xs` `(b, t, d)`.
+    pub fn last_position_logits(&self, xs: &Tensor) -> Result<Tensor> {
+        forward::last_position_logits(self.decoder(), xs)
     }
 
     /// The device the weights are on.
