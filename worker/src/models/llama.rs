@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::nn::{Linear, causal_attention, extend_kv, merge_heads, split_heads};
+use super::ops::silu_mul;
 use super::rope::{Rope, RopeScaling};
 use crate::error::{Error, Result};
 use crate::forward::{Decoder, Dims, LayerKv};
@@ -245,16 +246,15 @@ fn rope_from_config(raw: &RawConfig, source: &str) -> Result<(f32, RopeScaling)>
     Ok((theta as f32, scaling))
 }
 
+/// q, k and v share one matmul: their weights are stacked at load time.
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Linear,
     o: Linear,
 }
 
+/// gate and up share one matmul; `silu(gate) * up` is one fused pass over its output.
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -279,9 +279,34 @@ pub struct Llama {
 }
 
 fn linear(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+    let (weight, bias) = weight_and_bias(w, prefix, out_dim, in_dim, bias)?;
+    Linear::from_out_in(weight, bias, prefix)
+}
+
+fn weight_and_bias(
+    w: &Weights,
+    prefix: &str,
+    out_dim: usize,
+    in_dim: usize,
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
     let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_dim])?) } else { None };
-    Linear::from_out_in(weight, bias, prefix)
+    Ok((weight, bias))
+}
+
+/// Linear layers with the same input stacked into one: `(Σ out, in)`.
+fn stacked(w: &Weights, parts: &[(String, usize)], in_dim: usize, bias: bool) -> Result<Linear> {
+    let mut weights = Vec::with_capacity(parts.len());
+    let mut biases = Vec::with_capacity(parts.len());
+    for (prefix, out_dim) in parts {
+        let (weight, b) = weight_and_bias(w, prefix, *out_dim, in_dim, bias)?;
+        weights.push(weight);
+        biases.extend(b);
+    }
+    let bias = if bias { Some(Tensor::cat(&biases, 0)?) } else { None };
+    let name = parts.first().map_or("stacked", |(p, _)| p.as_str());
+    Linear::from_out_in(Tensor::cat(&weights, 0)?, bias, name)
 }
 
 impl Llama {
@@ -293,32 +318,28 @@ impl Llama {
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
             let attn = Attention {
-                q: linear(w, &format!("{p}.self_attn.q_proj"), cfg.n_heads * hd, d, cfg.qkv_bias)?,
-                k: linear(
+                qkv: stacked(
                     w,
-                    &format!("{p}.self_attn.k_proj"),
-                    cfg.n_kv_heads * hd,
-                    d,
-                    cfg.qkv_bias,
-                )?,
-                v: linear(
-                    w,
-                    &format!("{p}.self_attn.v_proj"),
-                    cfg.n_kv_heads * hd,
+                    &[
+                        (format!("{p}.self_attn.q_proj"), cfg.n_heads * hd),
+                        (format!("{p}.self_attn.k_proj"), cfg.n_kv_heads * hd),
+                        (format!("{p}.self_attn.v_proj"), cfg.n_kv_heads * hd),
+                    ],
                     d,
                     cfg.qkv_bias,
                 )?,
                 o: linear(w, &format!("{p}.self_attn.o_proj"), d, cfg.n_heads * hd, cfg.o_bias)?,
             };
             let mlp = Mlp {
-                gate: linear(
+                gate_up: stacked(
                     w,
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
+                    &[
+                        (format!("{p}.mlp.gate_proj"), cfg.intermediate_size),
+                        (format!("{p}.mlp.up_proj"), cfg.intermediate_size),
+                    ],
                     d,
                     cfg.mlp_bias,
                 )?,
-                up: linear(w, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, d, cfg.mlp_bias)?,
                 down: linear(
                     w,
                     &format!("{p}.mlp.down_proj"),
@@ -398,9 +419,11 @@ impl Decoder for Llama {
         let _enter = l.span.enter();
         let cfg = &self.cfg;
         let h = self.rms_norm(xs, &l.input_norm)?;
-        let q = split_heads(&l.attn.q.forward(&h)?, cfg.n_heads, cfg.head_dim)?;
-        let k = split_heads(&l.attn.k.forward(&h)?, cfg.n_kv_heads, cfg.head_dim)?;
-        let v = split_heads(&l.attn.v.forward(&h)?, cfg.n_kv_heads, cfg.head_dim)?;
+        let qkv = l.attn.qkv.forward(&h)?;
+        let (q_dim, kv_dim) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let q = split_heads(&qkv.narrow(2, 0, q_dim)?, cfg.n_heads, cfg.head_dim)?;
+        let k = split_heads(&qkv.narrow(2, q_dim, kv_dim)?, cfg.n_kv_heads, cfg.head_dim)?;
+        let v = split_heads(&qkv.narrow(2, q_dim + kv_dim, kv_dim)?, cfg.n_kv_heads, cfg.head_dim)?;
         let q = self.rope.apply(&q, pos0)?;
         let k = self.rope.apply(&k, pos0)?;
         let kv = extend_kv(past, k, v)?;
@@ -413,8 +436,8 @@ impl Decoder for Llama {
         let l = &self.layers[layer];
         let _enter = l.span.enter();
         let h = self.rms_norm(xs, &l.post_attn_norm)?;
-        let gate = candle_nn::ops::silu(&l.mlp.gate.forward(&h)?)?;
-        l.mlp.down.forward(&(gate * l.mlp.up.forward(&h)?)?)
+        let gated = silu_mul(&l.mlp.gate_up.forward(&h)?, self.cfg.intermediate_size)?;
+        l.mlp.down.forward(&gated)
     }
 
     fn head(&self, xs: &Tensor) -> Result<Tensor> {
