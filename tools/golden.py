@@ -10,7 +10,8 @@ It writes, under tests/fixtures/:
 
 - tiny/<family>/: tiny randomly initialised GPT-2, Llama (GQA, untied head, Llama 3 RoPE
   scaling), Qwen2 (q/k/v biases, tied head) and Mistral (sliding window, explicit head_dim)
-  models saved by transformers as safetensors folders, each with reference.safetensors:
+  models saved by transformers as safetensors folders, with a one-token-per-byte
+  tokenizer.json (256 tokens), each with reference.safetensors:
   `input_ids` (2, 12) and `logits` (2, 12, vocab) from transformers' forward in f32.
 - smollm2/reference.safetensors + prompts.json: SmolLM2-135M-Instruct loaded by transformers
   from the GGUF file (dequantized to f32): token ids and last-position logits of a few prompts.
@@ -92,6 +93,19 @@ def tiny_configs():
     }
 
 
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer with one token per byte (GPT-2's alphabet, no merges): the tiny
+    models' 256-token vocabulary, so tests can trace real text on them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: byte for byte, ch in bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+
+
 def write_tiny(seed: int) -> None:
     for index, (name, config) in enumerate(tiny_configs().items()):
         torch.manual_seed(seed + index)
@@ -101,6 +115,7 @@ def write_tiny(seed: int) -> None:
         out = FIXTURES / "tiny" / name
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
+        write_byte_tokenizer(out / "tokenizer.json")
         gen = torch.Generator().manual_seed(seed + 100 + index)
         ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=gen)
         with torch.no_grad():

@@ -82,6 +82,9 @@ pub enum Error {
     /// A forward request asks for something the model cannot do (bad layer, token, row, shape).
     #[error("invalid request: {0}")]
     Request(String),
+    /// A fact cannot be traced as given (e.g. its subject is not in its prompt).
+    #[error("{0}")]
+    Trace(String),
     /// An error inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

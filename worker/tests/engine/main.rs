@@ -9,4 +9,5 @@ mod interventions;
 mod loading;
 mod smollm2;
 mod tokenizers;
+mod trace;
 mod util;
