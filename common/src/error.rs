@@ -11,6 +11,14 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A figure could not be drawn or written.
+    #[error("cannot draw {path}: {message}")]
+    Plot {
+        /// The file being written.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A dataset as a whole is malformed (per-record problems are not errors; see
     /// [`crate::dataset::Knowns::errors`]).
     #[error("dataset {source_name}: {message}")]

@@ -4,7 +4,8 @@
 //! - [`models`]: GPT-2 and Llama-style families behind one [`models::Model`];
 //! - [`forward`]: the single forward entry point, which can resume from a cached prefix;
 //! - [`intervene`]: embedding edits, state patches and captures;
-//! - [`predict`]: next-token prediction.
+//! - [`predict`]: next-token prediction;
+//! - [`trace`]: causal tracing of one fact, naive (ROME's way) and fast.
 //!
 //! See ARCHITECTURE.md at the repository root for how the pieces fit.
 
@@ -15,8 +16,10 @@ pub mod gguf;
 pub mod intervene;
 pub mod load;
 pub mod models;
+pub mod plot;
 pub mod predict;
 pub mod tokenizer;
+pub mod trace;
 mod weights;
 
 pub use error::{Error, Result};

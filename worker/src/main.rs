@@ -3,13 +3,15 @@
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use worker::cli::{Cli, Command, run_predict};
+use worker::cli::{Cli, Command, run_noise_level, run_predict, run_trace};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let result = match &cli.command {
         Command::Predict(args) => run_predict(args, &mut std::io::stdout().lock()),
+        Command::Trace(args) => run_trace(args, &mut std::io::stdout().lock()),
+        Command::NoiseLevel(args) => run_noise_level(args, &mut std::io::stdout().lock()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

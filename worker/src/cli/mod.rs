@@ -1,14 +1,18 @@
 //! The `worker` command line: argument types and the commands behind them.
 
-use std::io::Write;
+mod predict;
+mod trace;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
-use crate::load::{LoadOptions, load_model};
-use crate::predict::predict;
+pub use predict::{PredictArgs, run_predict};
+pub use trace::{NoiseLevelArgs, TraceArgs, run_noise_level, run_trace};
+
+use crate::load::{LoadOptions, LoadedModel, load_model};
 
 /// The causal-tracing worker.
 #[derive(Debug, Parser)]
@@ -27,6 +31,10 @@ pub struct Cli {
 pub enum Command {
     /// Print the most likely next tokens of a prompt.
     Predict(PredictArgs),
+    /// Causal trace of one fact: how much of p(answer) restoring each state brings back.
+    Trace(TraceArgs),
+    /// Print the `sK` noise level of a model over the subjects of a knowns file.
+    NoiseLevel(NoiseLevelArgs),
 }
 
 /// Where and how to run a model.
@@ -48,23 +56,12 @@ impl ModelArgs {
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
         Ok(LoadOptions { device: parse_device(&self.device)?, dtype: parse_dtype(&self.dtype)? })
     }
-}
 
-/// `worker predict`.
-#[derive(Debug, Args)]
-pub struct PredictArgs {
-    /// The model.
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// The prompt to continue.
-    #[arg(long)]
-    pub prompt: String,
-    /// How many candidates to print.
-    #[arg(long, default_value_t = 5)]
-    pub top_k: usize,
-    /// Print one JSON object: {"tokens": [...], "top": [{"id", "token", "prob"}, ...]}.
-    #[arg(long)]
-    pub json: bool,
+    /// Loads the model these arguments name.
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let opts = self.load_options()?;
+        load_model(&self.model, &opts).with_context(|| format!("loading {}", self.model.display()))
+    }
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -91,23 +88,4 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
         "bf16" => Ok(DType::BF16),
         _ => bail!("--dtype {s}: expected f32, f16 or bf16"),
     }
-}
-
-/// Runs `worker predict`, writing to `out`.
-pub fn run_predict(args: &PredictArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let opts = args.model.load_options()?;
-    let loaded = load_model(&args.model.model, &opts)
-        .with_context(|| format!("loading {}", args.model.model.display()))?;
-    let prediction = predict(&loaded, &args.prompt, args.top_k)?;
-    if args.json {
-        serde_json::to_writer(&mut *out, &prediction)?;
-        writeln!(out)?;
-        return Ok(());
-    }
-    writeln!(out, "prompt tokens ({}): {:?}", prediction.tokens.len(), prediction.tokens)?;
-    writeln!(out, "{:>4}  {:>8}  {:>9}  token", "rank", "id", "prob")?;
-    for (rank, t) in prediction.top.iter().enumerate() {
-        writeln!(out, "{:>4}  {:>8}  {:>9.6}  {:?}", rank + 1, t.id, t.prob, t.token)?;
-    }
-    Ok(())
 }
