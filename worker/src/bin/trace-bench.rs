@@ -1,0 +1,204 @@
+//! `trace-bench`: times the naive and the fast causal trace on real facts in one run.
+//!
+//! For each of the first N facts of a knowns file that the model predicts (first-token rule),
+//! it traces all kinds with both paths and prints the seconds, the speed-up, the FLOPs each
+//! path performs, the FLOP ratio, and each path's achieved GFLOP/s next to the machine's f32
+//! GEMM rate measured in the same run (a large candle matmul). It also checks that the two
+//! paths agree. Not a test: timings on shared machines are noisy, ratios within one run less so.
+//!
+//!     RAYON_NUM_THREADS=2 cargo run --release -p worker --bin trace-bench -- \
+//!         --model "$(scripts/fetch-model.sh)" --knowns ../shared/data/known_1000.json --facts 5
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use clap::Parser;
+use common::dataset::read_knowns_file;
+use worker::cli::ModelArgs;
+use worker::trace::cost::{fast_flops, model_cost, naive_flops};
+use worker::trace::noise::{embedding_std, resolve};
+use worker::trace::{FactInput, NoiseSpec, Path, TraceConfig, trace_fact};
+
+#[derive(Debug, Parser)]
+#[command(about = "Times naive and fast causal tracing on real facts")]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Knowns file; the first facts the model predicts are traced.
+    #[arg(long)]
+    knowns: PathBuf,
+    /// How many facts.
+    #[arg(long, default_value_t = 5)]
+    facts: usize,
+    /// Noise samples.
+    #[arg(long, default_value_t = 10)]
+    samples: usize,
+    /// Noise: a level, sK or uK.
+    #[arg(long, default_value = "s3")]
+    noise: NoiseSpec,
+    /// Skip the naive path (to profile the fast one).
+    #[arg(long)]
+    fast_only: bool,
+    /// Write the per-fact figures as JSON lines here.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+/// f32 GEMM rate of this machine through candle right now: the median of seven 2048³
+/// products (shared machines drift by ±20% over minutes, so it is measured next to each fact).
+fn gemm_gflops() -> anyhow::Result<f64> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let mut rates = Vec::new();
+    for _ in 0..7 {
+        let start = Instant::now();
+        let c = a.matmul(&b)?;
+        c.sum_all()?.to_scalar::<f32>()?;
+        rates.push(2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64() / 1e9);
+    }
+    Ok(median(rates))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let threads = candle_core::utils::get_num_threads();
+    let loaded = args.model.load()?;
+    let tokenizer = loaded.tokenizer()?;
+    let knowns = read_knowns_file(&args.knowns)?;
+    let subjects: Vec<&str> = knowns.facts.iter().map(|f| f.subject.as_str()).collect();
+    let std = match args.noise {
+        NoiseSpec::StdMultiple(_) => Some(embedding_std(&loaded.model, tokenizer, &subjects)?),
+        _ => None,
+    };
+    let mut cfg = TraceConfig::rome(0.0);
+    cfg.samples = args.samples;
+    cfg.noise = resolve(args.noise, false, std)?;
+    cfg.correctness = worker::trace::Correctness::FirstToken;
+    let cost = model_cost(&loaded.model);
+
+    println!(
+        "threads {threads}, noise level {:.4}; GEMM: candle's f32 2048^3 rate, measured just before and after each fast trace",
+        cfg.noise.level
+    );
+    let columns = [
+        "fact",
+        "T",
+        "b..e",
+        "naive s",
+        "fast s",
+        "speedup",
+        "naive TF",
+        "fast TF",
+        "FLOPx",
+        "naiveGF",
+        "fastGF",
+        "GEMM",
+        "fast%",
+        "eff",
+        "max|diff|",
+    ];
+    let widths = [6, 3, 5, 9, 8, 7, 9, 9, 6, 7, 7, 6, 6, 5, 9];
+    let header: Vec<String> = columns.iter().zip(widths).map(|(c, w)| format!("{c:>w$}")).collect();
+    println!("{}", header.join(" "));
+    let mut out = match &args.json_out {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    let (mut efficiencies, mut fast_shares, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut done = 0;
+    for fact in &knowns.facts {
+        if done == args.facts {
+            break;
+        }
+        let input = FactInput {
+            known_id: fact.known_id,
+            prompt: &fact.prompt,
+            subject: &fact.subject,
+            expect: Some(&fact.attribute),
+        };
+        let gemm_before = gemm_gflops()?;
+        let start = Instant::now();
+        let fast = trace_fact(&loaded.model, tokenizer, &input, &cfg, Path::Fast)?;
+        let fast_s = start.elapsed().as_secs_f64();
+        if !fast.traced() {
+            continue;
+        }
+        let gemm = (gemm_before + gemm_gflops()?) / 2.0;
+        done += 1;
+        let t_len = fast.tokens.len();
+        let (b, e) = fast.subject_range;
+        let fast_tf = fast_flops(&cost, &cfg, t_len, b) / 1e12;
+        let naive_tf = naive_flops(&cost, &cfg, t_len) / 1e12;
+        let (naive_s, max_diff) = if args.fast_only {
+            (f64::NAN, f32::NAN)
+        } else {
+            let start = Instant::now();
+            let naive = trace_fact(&loaded.model, tokenizer, &input, &cfg, Path::Naive)?;
+            let secs = start.elapsed().as_secs_f64();
+            let diff = naive
+                .scores
+                .iter()
+                .flat_map(|(k, table)| table.iter().flatten().zip(fast.scores[k].iter().flatten()))
+                .map(|(a, b)| (a - b).abs())
+                .fold((naive.low_score - fast.low_score).abs(), f32::max);
+            (secs, diff)
+        };
+        let speedup = naive_s / fast_s;
+        let flop_ratio = naive_tf / fast_tf;
+        let (naive_gf, fast_gf) = (naive_tf * 1e3 / naive_s, fast_tf * 1e3 / fast_s);
+        let efficiency = speedup / flop_ratio;
+        let fast_share = fast_gf / gemm;
+        println!(
+            "{:>6} {:>3} {:>5} {:>9.1} {:>8.1} {:>7.2} {:>9.2} {:>9.2} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>5.0}% {:>5.2} {:>9.1e}",
+            fact.known_id,
+            t_len,
+            format!("{b}..{e}"),
+            naive_s,
+            fast_s,
+            speedup,
+            naive_tf,
+            fast_tf,
+            flop_ratio,
+            naive_gf,
+            fast_gf,
+            gemm,
+            100.0 * fast_share,
+            efficiency,
+            max_diff
+        );
+        if let Some(f) = out.as_mut() {
+            use std::io::Write;
+            let record = serde_json::json!({
+                "known_id": fact.known_id, "tokens": t_len, "subject_range": [b, e], "threads": threads,
+                "naive_seconds": naive_s, "fast_seconds": fast_s, "speedup": speedup,
+                "naive_tflop": naive_tf, "fast_tflop": fast_tf, "flop_ratio": flop_ratio,
+                "naive_gflops": naive_gf, "fast_gflops": fast_gf, "gemm_gflops": gemm, "fast_share_of_gemm": fast_share, "max_abs_diff": max_diff,
+            });
+            writeln!(f, "{record}")?;
+        }
+        efficiencies.push(efficiency);
+        fast_shares.push(fast_share);
+        ratios.push(flop_ratio);
+    }
+    println!(
+        "median over {done} facts: FLOP ratio {:.2}, speed-up / FLOP ratio {:.2}, fast path at {:.0}% of the GEMM rate",
+        median(ratios),
+        median(efficiencies),
+        100.0 * median(fast_shares)
+    );
+    Ok(())
+}
