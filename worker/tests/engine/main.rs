@@ -7,6 +7,7 @@ mod gguf_roundtrip;
 mod golden;
 mod interventions;
 mod loading;
+mod rome;
 mod smollm2;
 mod tokenizers;
 mod trace;
