@@ -58,3 +58,125 @@ fn a_missing_model_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing file /nonexistent/model.gguf"), "{err}");
 }
+
+fn tiny_model() -> std::path::PathBuf {
+    crate::util::fixture("tiny/llama")
+}
+
+#[test]
+fn trace_json_has_the_documented_shape() {
+    let out = worker()
+        .args(["trace", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", "Beats Music is owned by", "--subject", "Music", "--noise", "1.0"])
+        .args(["--samples", "3", "--window", "2", "--kinds", "hidden,attn", "--json"])
+        .output()
+        .expect("run worker");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let tokens = v["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 23, "one token per byte");
+    assert_eq!(v["subject_range"], serde_json::json!([6, 11]));
+    for key in ["answer", "answer_id", "high_score", "low_score", "noise_level"] {
+        assert!(!v[key].is_null(), "{key} missing");
+    }
+    assert_eq!(v["noise_level"], 1.0);
+    assert!(v["correct"].is_null(), "no --expect, no verdict");
+    let scores = v["scores"].as_object().expect("scores");
+    assert_eq!(scores.keys().collect::<Vec<_>>(), ["attn", "hidden"]);
+    for table in scores.values() {
+        let rows = table.as_array().expect("rows");
+        assert_eq!(rows.len(), 23);
+        assert!(rows.iter().all(|r| r.as_array().map(Vec::len) == Some(3)), "L = 3 columns");
+    }
+}
+
+#[test]
+fn trace_plots_and_checks_its_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = worker()
+        .args(["trace", "--model"])
+        .arg(tiny_model())
+        .args([
+            "--prompt",
+            "Beats Music is owned by",
+            "--subject",
+            "Beats",
+            "--noise",
+            "u2",
+            "--samples",
+            "2",
+        ])
+        .args(["--window", "2", "--plot"])
+        .arg(dir.path())
+        .output()
+        .expect("run worker");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("best: token"));
+    for kind in ["hidden", "mlp", "attn"] {
+        for ext in ["png", "svg"] {
+            let path = dir.path().join(format!("trace_{kind}.{ext}"));
+            assert!(
+                std::fs::metadata(&path).map(|m| m.len() > 1000).unwrap_or(false),
+                "{}",
+                path.display()
+            );
+        }
+    }
+
+    // sK noise needs the subjects it is computed over.
+    let out = worker()
+        .args(["trace", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", "Beats Music is owned by", "--subject", "Beats", "--window", "2"])
+        .output()
+        .expect("run worker");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--noise s3 needs --noise-subjects"));
+
+    // A window wider than the model is refused, not clipped silently.
+    let out = worker()
+        .args(["trace", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", "Beats Music is owned by", "--subject", "Beats", "--noise", "0.1"])
+        .output()
+        .expect("run worker");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--window 10 must be between 1 and the model's 3 layers")
+    );
+
+    let out = worker()
+        .args(["trace", "--model"])
+        .arg(tiny_model())
+        .args([
+            "--prompt",
+            "Beats Music is owned by",
+            "--subject",
+            "Apple",
+            "--noise",
+            "0.1",
+            "--window",
+            "2",
+        ])
+        .output()
+        .expect("run worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("subject \"Apple\" is not in the prompt"), "{err}");
+}
+
+#[test]
+fn noise_level_prints_three_times_the_embedding_std() {
+    let out = worker()
+        .args(["noise-level", "--model"])
+        .arg(smollm2_path())
+        .arg("--knowns")
+        .arg(crate::util::knowns_path())
+        .output()
+        .expect("run worker");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let level: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a number");
+    // ROME's collect_embedding_std on SmolLM2 (tests/fixtures/smollm2/rome_traces.json) × 3.
+    assert!((level - 0.35).abs() < 0.01, "{level}");
+}
