@@ -32,6 +32,9 @@ struct Args {
     /// How many facts.
     #[arg(long, default_value_t = 5)]
     facts: usize,
+    /// Trace these known_ids instead of the first predicted facts.
+    #[arg(long, value_delimiter = ',')]
+    known_ids: Vec<u64>,
     /// Noise samples.
     #[arg(long, default_value_t = 10)]
     samples: usize,
@@ -123,6 +126,9 @@ fn main() -> anyhow::Result<()> {
     for fact in &knowns.facts {
         if done == args.facts {
             break;
+        }
+        if !args.known_ids.is_empty() && !args.known_ids.contains(&fact.known_id) {
+            continue;
         }
         let input = FactInput {
             known_id: fact.known_id,
