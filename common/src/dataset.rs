@@ -87,7 +87,7 @@ pub fn read_knowns_file(path: &std::path::Path) -> Result<Knowns> {
     parse_knowns_json(&path.display().to_string(), &text)
 }
 
-fn fact_from_value(
+pub(crate) fn fact_from_value(
     value: serde_json::Value,
 ) -> std::result::Result<KnownFact, (Option<u64>, String)> {
     let known_id = value.get("known_id").and_then(serde_json::Value::as_u64);

@@ -28,6 +28,17 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// An object store could not be opened, read or written.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// A Parquet table could not be written or read.
+    #[error("parquet {what}: {message}")]
+    Parquet {
+        /// The table or file.
+        what: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// `Result` with [`Error`].

@@ -1,11 +1,17 @@
-//! Types shared by the coordinator and the workers of the causal-tracing pipeline.
-//!
-//! For now: the knowns dataset ([`dataset`]), heatmaps ([`plot`]) and the error type. The sweep configuration,
-//! the Parquet schema and storage come with the pipeline.
+//! Types shared by the coordinator and the workers of the causal-tracing pipeline: the knowns
+//! dataset and its file formats, the trace settings both sides name, the sweep's
+//! configuration and job ids, storage (object-store URLs), model fingerprints, the Parquet
+//! tables, and heatmaps.
 #![warn(missing_docs)]
 
 pub mod dataset;
+pub mod dataset_formats;
 pub mod error;
+pub mod fingerprint;
 pub mod plot;
+pub mod settings;
+pub mod storage;
+pub mod sweep;
+pub mod tables;
 
 pub use error::{Error, Result};

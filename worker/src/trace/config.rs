@@ -1,54 +1,9 @@
 //! What a causal trace is asked to compute: kinds, samples, window, noise, seeds, correctness.
 //! The definitions follow ROME's `calculate_hidden_flow` (DESIGN.md §1).
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
-/// Which states are restored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// The residual stream after one layer at one token.
-    Hidden,
-    /// The MLP outputs at one token over a window of layers.
-    Mlp,
-    /// The attention outputs at one token over a window of layers.
-    Attn,
-}
-
-impl Kind {
-    /// All kinds, in ROME's order.
-    pub const ALL: [Kind; 3] = [Kind::Hidden, Kind::Mlp, Kind::Attn];
-
-    /// The name used in flags, JSON and tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Hidden => "hidden",
-            Kind::Mlp => "mlp",
-            Kind::Attn => "attn",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "hidden" => Ok(Kind::Hidden),
-            "mlp" => Ok(Kind::Mlp),
-            "attn" => Ok(Kind::Attn),
-            other => Err(format!("unknown kind {other:?} (hidden, mlp, attn)")),
-        }
-    }
-}
+pub use common::settings::{Correctness, Distribution, Kind, NoiseSpec, SeedMode};
 
 /// The layers restored for kind `mlp`/`attn` at centre `layer`: ROME's
 /// `range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))`.
@@ -56,57 +11,6 @@ pub fn window_layers(layer: usize, window: usize, n_layers: usize) -> std::ops::
     let lo = layer.saturating_sub(window / 2);
     let hi = (layer + window.div_ceil(2)).min(n_layers);
     lo..hi
-}
-
-/// The noise distribution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Distribution {
-    /// `randn`: standard normal.
-    Normal,
-    /// `uniform(-1, 1)`.
-    Uniform,
-}
-
-/// The `--noise` flag: a level, `sK` (K × the embeddings' std) or `uK` (uniform noise × K).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum NoiseSpec {
-    /// Gaussian noise of this level.
-    Level(f64),
-    /// Gaussian noise of level K × std of the subjects' embeddings (ROME's default: s3).
-    StdMultiple(f64),
-    /// Uniform noise in [-1, 1) × K.
-    Uniform(f64),
-}
-
-impl FromStr for NoiseSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let number = |t: &str| -> Result<f64, String> {
-            let v: f64 =
-                t.parse().map_err(|_| format!("--noise {s:?}: expected a number, sK or uK"))?;
-            if v.is_finite() && v >= 0.0 {
-                Ok(v)
-            } else {
-                Err(format!("--noise {s:?}: must be finite and >= 0"))
-            }
-        };
-        match (s.strip_prefix('s'), s.strip_prefix('u')) {
-            (Some(k), _) => Ok(NoiseSpec::StdMultiple(number(k)?)),
-            (_, Some(k)) => Ok(NoiseSpec::Uniform(number(k)?)),
-            _ => Ok(NoiseSpec::Level(number(s)?)),
-        }
-    }
-}
-
-impl fmt::Display for NoiseSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NoiseSpec::Level(v) => write!(f, "{v}"),
-            NoiseSpec::StdMultiple(k) => write!(f, "s{k}"),
-            NoiseSpec::Uniform(k) => write!(f, "u{k}"),
-        }
-    }
 }
 
 /// Resolved noise: what is added to (or replaces) the subject's embeddings.
@@ -118,28 +22,6 @@ pub struct Noise {
     pub distribution: Distribution,
     /// Replace the embeddings instead of adding to them.
     pub replace: bool,
-}
-
-/// How the noise generator is seeded for each fact.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SeedMode {
-    /// ROME's: `RandomState(1)` for every fact, so every fact of equal subject length sees the
-    /// same noise.
-    Rome,
-    /// A seed derived from the sweep seed and the fact's id.
-    PerFact,
-}
-
-impl FromStr for SeedMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "rome" => Ok(SeedMode::Rome),
-            "per-fact" => Ok(SeedMode::PerFact),
-            other => Err(format!("unknown seed mode {other:?} (rome, per-fact)")),
-        }
-    }
 }
 
 /// The seed of a fact's noise generator (numpy's `RandomState` takes 32 bits).
@@ -154,30 +36,6 @@ pub fn fact_seed(mode: SeedMode, sweep_seed: u64, known_id: u64) -> u32 {
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             z ^= z >> 31;
             (z >> 32) as u32
-        }
-    }
-}
-
-/// Which facts count as known, and so get traced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Correctness {
-    /// ROME's rule: the decoded answer token, trimmed, equals the attribute.
-    Strict,
-    /// The answer id equals the first token of " " + attribute.
-    FirstToken,
-    /// Trace every fact; `correct` is still reported by the first-token rule.
-    None,
-}
-
-impl FromStr for Correctness {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "strict" => Ok(Correctness::Strict),
-            "first-token" => Ok(Correctness::FirstToken),
-            "none" => Ok(Correctness::None),
-            other => Err(format!("unknown correctness {other:?} (strict, first-token, none)")),
         }
     }
 }
@@ -210,9 +68,17 @@ pub struct TraceConfig {
     pub correctness: Correctness,
     /// Fast path memory bound: at most this many (row × token) states in one batched forward.
     pub max_batch_tokens: usize,
+    /// Compute only these layers' scores (a sweep job's share of the fact); the other cells
+    /// of the tables are NaN. `None`: every layer.
+    pub layers: Option<std::ops::Range<usize>>,
 }
 
 impl TraceConfig {
+    /// Whether the score of `layer` is asked for.
+    pub fn wants_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|r| r.contains(&layer))
+    }
+
     /// ROME's settings for a given noise level: all kinds, 10 samples, window 10, ROME seeds.
     pub fn rome(level: f64) -> Self {
         Self {
@@ -224,6 +90,7 @@ impl TraceConfig {
             seed: 0,
             correctness: Correctness::None,
             max_batch_tokens: 8192,
+            layers: None,
         }
     }
 }

@@ -18,12 +18,11 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use super::config::{Kind, window_layers};
-use super::{FactInput, FactTrace, Prepared, TraceConfig, answer_probs, judge, mean};
+use super::{FactInput, FactTrace, Outcome, Prepared, TraceConfig, answer_probs, mean};
 use crate::error::{Error, Result};
 use crate::forward::{ForwardRequest, KvCache, LayerKv, Logits, Start};
 use crate::intervene::{EmbedEdit, EmbedOp, Interventions, Patch, Site};
 use crate::models::Model;
-use crate::predict::top_k;
 use crate::tokenizer::Tokenizer;
 
 /// The states of a fact's clean and corrupted runs that restored runs start from.
@@ -81,9 +80,8 @@ pub fn trace(
     let clean = forward(model, Start::Tokens(&ids), &clean_iv, false)?;
     let clean_logits = clean.logits.as_ref().ok_or_else(|| Error::Request("no logits".into()))?;
     let probs = crate::forward::probabilities(&clean_logits.squeeze(0)?)?.to_vec1::<f32>()?;
-    let (answer_id, high_score) = top_k(&probs, 1)[0];
-    let answer = tokenizer.decode(&[answer_id])?;
-    let (correct, traced) = judge(tokenizer, fact.expect, &answer, answer_id, cfg.correctness)?;
+    let outcome = Outcome::new(tokenizer, fact, cfg, &probs)?;
+    let (answer_id, traced) = (outcome.answer_id, outcome.traced);
 
     // Corrupted run: S rows, keeping keys/values and the residual stream after every layer.
     let ids_s = ids.broadcast_as((samples, t_len))?.contiguous()?;
@@ -115,9 +113,18 @@ pub fn trace(
             kv: corrupted.kv.ok_or_else(|| Error::Request("no keys and values".into()))?,
         };
         for &kind in &cfg.kinds {
-            let mut table = vec![vec![low_score; n_layers]; t_len];
+            // Cells outside the asked layers are NaN; the others default to low_score, which
+            // is exact for the states that change nothing (see the module comment).
+            let mut table: Vec<Vec<f32>> = (0..t_len)
+                .map(|_| {
+                    (0..n_layers)
+                        .map(|l| if cfg.wants_layer(l) { low_score } else { f32::NAN })
+                        .collect()
+                })
+                .collect();
             for (t, row) in table.iter_mut().enumerate().skip(b) {
-                let entries = entries(kind, t, b, t_len, n_layers, cfg.window, &runs)?;
+                let mut entries = entries(kind, t, b, t_len, n_layers, cfg.window, &runs)?;
+                entries.retain(|entry| cfg.wants_layer(entry.layer));
                 let per_chunk = (cfg.max_batch_tokens / (samples * (t_len - t))).max(1);
                 for chunk in entries.chunks(per_chunk) {
                     let chunk_scores =
@@ -130,18 +137,7 @@ pub fn trace(
             scores.insert(kind, table);
         }
     }
-    Ok(FactTrace {
-        tokens: prep.tokens,
-        token_ids: prep.ids,
-        subject_range: prep.subject,
-        answer,
-        answer_id,
-        high_score,
-        low_score,
-        noise_level: cfg.noise.level,
-        correct,
-        scores,
-    })
+    Ok(prep.finish(outcome, low_score, cfg.noise.level, scores))
 }
 
 fn forward(

@@ -93,6 +93,15 @@ impl Prepared {
         if cfg.window == 0 {
             return Err(Error::Trace("window must be at least 1".into()));
         }
+        if let Some(layers) = &cfg.layers {
+            let n_layers = model.dims().n_layers;
+            if layers.start >= layers.end || layers.end > n_layers {
+                return Err(Error::Trace(format!(
+                    "layers {}..{} are not a range inside the model's {n_layers} layers",
+                    layers.start, layers.end
+                )));
+            }
+        }
         let ids = tokenizer.encode(fact.prompt)?;
         if ids.is_empty() {
             return Err(Error::Trace("the prompt has no tokens".into()));
@@ -118,10 +127,59 @@ impl Prepared {
     pub(crate) fn len(&self) -> usize {
         self.ids.len()
     }
+
+    /// The trace of this fact.
+    pub(crate) fn finish(
+        self,
+        outcome: Outcome,
+        low_score: f32,
+        noise_level: f64,
+        scores: BTreeMap<Kind, Vec<Vec<f32>>>,
+    ) -> FactTrace {
+        FactTrace {
+            tokens: self.tokens,
+            token_ids: self.ids,
+            subject_range: self.subject,
+            answer: outcome.answer,
+            answer_id: outcome.answer_id,
+            high_score: outcome.high_score,
+            low_score,
+            noise_level,
+            correct: outcome.correct,
+            scores,
+        }
+    }
+}
+
+/// What the clean run decides: the answer, its probability, and whether the fact is traced.
+pub(crate) struct Outcome {
+    pub(crate) answer: String,
+    pub(crate) answer_id: u32,
+    pub(crate) high_score: f32,
+    pub(crate) correct: Option<bool>,
+    pub(crate) traced: bool,
+}
+
+impl Outcome {
+    /// From the clean next-token distribution (ROME's `predict_from_input`: the argmax).
+    pub(crate) fn new(
+        tokenizer: &Tokenizer,
+        fact: &FactInput<'_>,
+        cfg: &TraceConfig,
+        probs: &[f32],
+    ) -> Result<Self> {
+        let (answer_id, high_score) = crate::predict::top_k(probs, 1)
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Trace("the model has an empty vocabulary".into()))?;
+        let answer = tokenizer.decode(&[answer_id])?;
+        let (correct, traced) = judge(tokenizer, fact.expect, &answer, answer_id, cfg.correctness)?;
+        Ok(Self { answer, answer_id, high_score, correct, traced })
+    }
 }
 
 /// Whether the fact counts as predicted, and whether it gets traced.
-pub(crate) fn judge(
+fn judge(
     tokenizer: &Tokenizer,
     expect: Option<&str>,
     answer: &str,

@@ -9,12 +9,11 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 
 use super::config::{Kind, window_layers};
-use super::{FactInput, FactTrace, Prepared, TraceConfig, answer_probs, judge, mean};
+use super::{FactInput, FactTrace, Outcome, Prepared, TraceConfig, answer_probs, mean};
 use crate::error::Result;
 use crate::forward::{ForwardRequest, Logits, Start};
 use crate::intervene::{EmbedEdit, EmbedOp, Interventions, RowCopy, Site};
 use crate::models::Model;
-use crate::predict::top_k;
 use crate::tokenizer::Tokenizer;
 
 /// The sites restored for state (t, l) of `kind`.
@@ -50,9 +49,8 @@ pub fn trace(
     let clean = run(model, &ids, Interventions::none())?;
     let probs =
         crate::forward::probabilities(&clean.narrow(0, 0, 1)?.squeeze(0)?)?.to_vec1::<f32>()?;
-    let (answer_id, high_score) = top_k(&probs, 1)[0];
-    let answer = tokenizer.decode(&[answer_id])?;
-    let (correct, traced) = judge(tokenizer, fact.expect, &answer, answer_id, cfg.correctness)?;
+    let outcome = Outcome::new(tokenizer, fact, cfg, &probs)?;
+    let (answer_id, traced) = (outcome.answer_id, outcome.traced);
 
     let (b, e) = prep.subject;
     let noise = EmbedEdit {
@@ -74,7 +72,7 @@ pub fn trace(
             let mut table = vec![vec![f32::NAN; n_layers]; t_len];
             for (t, row) in table.iter_mut().enumerate() {
                 for (l, cell) in row.iter_mut().enumerate() {
-                    if only.is_some_and(|cells| !cells.contains(&(t, l))) {
+                    if only.is_some_and(|cells| !cells.contains(&(t, l))) || !cfg.wants_layer(l) {
                         continue;
                     }
                     let copies = restored_sites(kind, l, cfg.window, n_layers)
@@ -92,18 +90,7 @@ pub fn trace(
             scores.insert(kind, table);
         }
     }
-    Ok(FactTrace {
-        tokens: prep.tokens,
-        token_ids: prep.ids,
-        subject_range: prep.subject,
-        answer,
-        answer_id,
-        high_score,
-        low_score,
-        noise_level: cfg.noise.level,
-        correct,
-        scores,
-    })
+    Ok(prep.finish(outcome, low_score, cfg.noise.level, scores))
 }
 
 /// One forward with logits at every position (as ROME's `model(**inp)`); returns the last

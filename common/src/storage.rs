@@ -1,0 +1,250 @@
+//! Where sweeps read and write: a local path, or an object-store URL.
+//!
+//! `file://` or a plain path (the embedded default), `memory://` (this process only: tests),
+//! `s3://`, `gs://`, `az://`/`abfs://` with the usual environment credentials
+//! (`AWS_*`, `GOOGLE_*`, `AZURE_*`), and `http(s)://` for reading.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use url::Url;
+
+use crate::error::{Error, Result};
+
+/// A prefix inside an object store.
+#[derive(Clone, Debug)]
+pub struct Location {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// The prefix inside it ("" for the root).
+    pub prefix: StorePath,
+    /// How the user wrote it, for messages.
+    pub display: String,
+}
+
+fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("{what}: {e}"))
+}
+
+/// Whether `s` is a URL this module opens (rather than a local path).
+pub fn is_url(s: &str) -> bool {
+    [
+        "file://",
+        "memory://",
+        "s3://",
+        "s3a://",
+        "gs://",
+        "az://",
+        "abfs://",
+        "abfss://",
+        "http://",
+        "https://",
+    ]
+    .iter()
+    .any(|scheme| s.starts_with(scheme))
+}
+
+impl Location {
+    /// Opens a path or URL. Local folders are created when `create` is set.
+    pub fn open(s: &str, create: bool) -> Result<Self> {
+        if !is_url(s) || s.starts_with("file://") {
+            let path = match s.strip_prefix("file://") {
+                Some(rest) => std::path::PathBuf::from(rest),
+                None => std::path::PathBuf::from(s),
+            };
+            return Self::local(&path, create, s);
+        }
+        let url = Url::parse(s).map_err(|e| storage_error(&format!("bad URL {s:?}"), e))?;
+        let prefix = StorePath::from_url_path(url.path())
+            .map_err(|e| storage_error(&format!("bad path in {s:?}"), e))?;
+        let store: Arc<dyn ObjectStore> = match url.scheme() {
+            "memory" => Arc::new(object_store::memory::InMemory::new()),
+            "s3" | "s3a" => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(s)
+                    .build()
+                    .map_err(|e| storage_error(s, e))?,
+            ),
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(s)
+                    .build()
+                    .map_err(|e| storage_error(s, e))?,
+            ),
+            "az" | "abfs" | "abfss" => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(s)
+                    .build()
+                    .map_err(|e| storage_error(s, e))?,
+            ),
+            "http" | "https" => {
+                let origin = url.origin().ascii_serialization();
+                Arc::new(
+                    object_store::http::HttpBuilder::new()
+                        .with_url(origin)
+                        .build()
+                        .map_err(|e| storage_error(s, e))?,
+                )
+            }
+            other => return Err(Error::Storage(format!("{s:?}: unsupported scheme {other}"))),
+        };
+        Ok(Self { store, prefix, display: s.to_string() })
+    }
+
+    fn local(path: &std::path::Path, create: bool, display: &str) -> Result<Self> {
+        if create {
+            std::fs::create_dir_all(path)
+                .map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+        }
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+        if canonical.is_file() {
+            // A single file: its folder is the store, its name the prefix.
+            let parent = canonical.parent().unwrap_or(std::path::Path::new("/"));
+            let name = canonical.file_name().map(|n| n.to_string_lossy().into_owned());
+            let store = object_store::local::LocalFileSystem::new_with_prefix(parent)
+                .map_err(|e| storage_error(display, e))?;
+            return Ok(Self {
+                store: Arc::new(store),
+                prefix: StorePath::from(name.unwrap_or_default()),
+                display: display.to_string(),
+            });
+        }
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&canonical)
+            .map_err(|e| storage_error(display, e))?;
+        Ok(Self {
+            store: Arc::new(store),
+            prefix: StorePath::default(),
+            display: display.to_string(),
+        })
+    }
+
+    /// The location `name` below this one.
+    pub fn child(&self, name: &str) -> Self {
+        Self {
+            store: self.store.clone(),
+            prefix: self.path(name),
+            display: format!("{}/{name}", self.display.trim_end_matches('/')),
+        }
+    }
+
+    /// The store path of `name` below this prefix.
+    pub fn path(&self, name: &str) -> StorePath {
+        let mut path = self.prefix.clone();
+        for part in name.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        path
+    }
+
+    /// The whole object at this location.
+    pub async fn read(&self) -> Result<Bytes> {
+        self.read_path(&self.prefix).await
+    }
+
+    /// The whole object `name` below this prefix.
+    pub async fn read_child(&self, name: &str) -> Result<Bytes> {
+        self.read_path(&self.path(name)).await
+    }
+
+    async fn read_path(&self, path: &StorePath) -> Result<Bytes> {
+        let what = format!("reading {} ({path})", self.display);
+        let got = self.store.get(path).await.map_err(|e| storage_error(&what, e))?;
+        got.bytes().await.map_err(|e| storage_error(&what, e))
+    }
+
+    /// Whether the object `name` exists.
+    pub async fn exists(&self, name: &str) -> Result<bool> {
+        match self.store.head(&self.path(name)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(storage_error(&format!("checking {name} in {}", self.display), e)),
+        }
+    }
+
+    /// Writes `name` (replacing it).
+    pub async fn write(&self, name: &str, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(&self.path(name), bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| storage_error(&format!("writing {name} in {}", self.display), e))
+    }
+
+    /// Writes `name` only if it does not exist yet; `Ok(false)` if it did.
+    pub async fn create(&self, name: &str, bytes: Bytes) -> Result<bool> {
+        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+        match self.store.put_opts(&self.path(name), bytes.into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(storage_error(&format!("creating {name} in {}", self.display), e)),
+        }
+    }
+
+    /// Deletes `name`; a missing object is not an error.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.store.delete(&self.path(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage_error(&format!("deleting {name} in {}", self.display), e)),
+        }
+    }
+
+    /// Every object below `name`, as (path relative to this prefix, size), sorted by path.
+    pub async fn list(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        let base = self.path(name);
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&base))
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(&format!("listing {name} in {}", self.display), e))?;
+        let mut out: Vec<(String, u64)> = objects
+            .into_iter()
+            .filter_map(|meta| {
+                let rel: Vec<String> = meta
+                    .location
+                    .prefix_match(&self.prefix)?
+                    .map(|p| p.as_ref().to_string())
+                    .collect();
+                Some((rel.join("/"), meta.size))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Streams the object at `path` into `sink`, chunk by chunk (no whole-file buffer).
+    pub async fn stream_into(&self, path: &StorePath, mut sink: impl FnMut(&[u8])) -> Result<()> {
+        let what = format!("reading {} ({path})", self.display);
+        let got = self.store.get(path).await.map_err(|e| storage_error(&what, e))?;
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.try_next().await.map_err(|e| storage_error(&what, e))? {
+            sink(&chunk);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_create_is_exclusive_and_lists_relative_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let loc =
+            Location::open(&dir.path().join("out").display().to_string(), true).expect("open");
+        assert!(loc.create("a/1.json", Bytes::from_static(b"x")).await.expect("create"));
+        assert!(!loc.create("a/1.json", Bytes::from_static(b"y")).await.expect("create again"));
+        loc.write("b.txt", Bytes::from_static(b"zz")).await.expect("write");
+        let listed = loc.list("").await.expect("list");
+        assert_eq!(listed, vec![("a/1.json".to_string(), 1), ("b.txt".to_string(), 2)]);
+        assert_eq!(loc.read_child("a/1.json").await.expect("read"), Bytes::from_static(b"x"));
+        loc.delete("b.txt").await.expect("delete");
+        loc.delete("b.txt").await.expect("delete twice");
+        assert!(!loc.exists("b.txt").await.expect("exists"));
+    }
+}

@@ -1,0 +1,120 @@
+//! What identifies a sweep, and how it is cut into jobs.
+//!
+//! A sweep's settings (dataset digest, model fingerprint, trace settings, sharding) name it:
+//! the default sweep id is a digest of them, so running the same command again finds the
+//! same sweep and resumes it. Job ids are deterministic for the same reason.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::settings::{Correctness, Kind, NoiseSpec, SeedMode};
+
+/// The id of the job that computes the `sK` noise level.
+pub const CALIBRATION_JOB: &str = "calibration";
+
+/// Everything that decides a sweep's numbers. Two runs with equal settings are one sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepSettings {
+    /// blake3 of the dataset's bytes.
+    pub dataset_digest: String,
+    /// The model's fingerprint (see [`crate::fingerprint`]).
+    pub model_fingerprint: String,
+    /// Kinds traced.
+    pub kinds: Vec<Kind>,
+    /// Noise samples per restored state.
+    pub samples: u32,
+    /// Window for mlp/attn.
+    pub window: u32,
+    /// The noise rule.
+    pub noise: NoiseSpec,
+    /// Replace the subject embeddings instead of adding noise.
+    pub replace: bool,
+    /// How each fact's noise is seeded.
+    pub seed_mode: SeedMode,
+    /// The sweep seed (per-fact seed mode).
+    pub seed: u64,
+    /// Which facts are traced.
+    pub correctness: Correctness,
+    /// Layers per job (`None`: all of a fact's layers in one job).
+    pub layers_per_job: Option<u32>,
+    /// Only the first N valid facts.
+    pub limit: Option<u64>,
+    /// Weights and activations on the workers.
+    pub dtype: String,
+}
+
+impl SweepSettings {
+    /// The default sweep id: `sweep-` and 12 hex digits of the settings' digest.
+    pub fn default_sweep_id(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let hex = blake3::hash(&json).to_hex();
+        format!("sweep-{}", &hex.as_str()[..12])
+    }
+
+    /// The settings that differ from `other`'s, as `name: ours vs theirs`.
+    pub fn differences(&self, other: &SweepSettings) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+            (serde_json::to_value(self), serde_json::to_value(other))
+        else {
+            return vec!["settings cannot be compared".into()];
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                let theirs = b.get(k).map_or("missing".to_string(), ToString::to_string);
+                format!("{k}: {v} vs {theirs}")
+            })
+            .collect()
+    }
+}
+
+/// The layer ranges of a fact's jobs: `per_job` layers each (the last may be shorter), or one
+/// range of all `n_layers`.
+pub fn layer_ranges(n_layers: u32, per_job: Option<u32>) -> Vec<Range<u32>> {
+    let step = per_job.unwrap_or(n_layers).clamp(1, n_layers.max(1));
+    (0..n_layers).step_by(step as usize).map(|lo| lo..(lo + step).min(n_layers)).collect()
+}
+
+/// The id of the job tracing `layers` of fact `known_id`.
+pub fn trace_job_id(known_id: u64, layers: &Range<u32>) -> String {
+    format!("{known_id}:{}-{}", layers.start, layers.end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_ranges_cover_every_layer_once() {
+        assert_eq!(layer_ranges(12, None), vec![0..12]);
+        assert_eq!(layer_ranges(12, Some(5)), vec![0..5, 5..10, 10..12]);
+        assert_eq!(layer_ranges(3, Some(10)), vec![0..3]);
+        assert_eq!(layer_ranges(4, Some(1)).len(), 4);
+        assert_eq!(trace_job_id(7, &(0..5)), "7:0-5");
+    }
+
+    #[test]
+    fn ids_follow_settings() {
+        let a = SweepSettings {
+            dataset_digest: "d".into(),
+            model_fingerprint: "m".into(),
+            kinds: Kind::ALL.to_vec(),
+            samples: 10,
+            window: 10,
+            noise: NoiseSpec::StdMultiple(3.0),
+            replace: false,
+            seed_mode: SeedMode::Rome,
+            seed: 0,
+            correctness: Correctness::FirstToken,
+            layers_per_job: None,
+            limit: None,
+            dtype: "f32".into(),
+        };
+        let mut b = a.clone();
+        assert_eq!(a.default_sweep_id(), b.default_sweep_id());
+        b.samples = 3;
+        assert_ne!(a.default_sweep_id(), b.default_sweep_id());
+        assert_eq!(a.differences(&b), vec!["samples: 10 vs 3".to_string()]);
+    }
+}
