@@ -5,7 +5,8 @@
 //! - [`forward`]: the single forward entry point, which can resume from a cached prefix;
 //! - [`intervene`]: embedding edits, state patches and captures;
 //! - [`predict`]: next-token prediction;
-//! - [`trace`]: causal tracing of one fact, naive (ROME's way) and fast.
+//! - [`trace`]: causal tracing of one fact, naive (ROME's way) and fast;
+//! - [`serve`]: the worker of a distributed sweep (`worker serve`).
 //!
 //! See ARCHITECTURE.md at the repository root for how the pieces fit.
 
@@ -18,6 +19,7 @@ pub mod load;
 pub mod models;
 pub mod plot;
 pub mod predict;
+pub mod serve;
 pub mod tokenizer;
 pub mod trace;
 mod weights;

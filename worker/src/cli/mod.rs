@@ -1,6 +1,7 @@
 //! The `worker` command line: argument types and the commands behind them.
 
 mod predict;
+mod serve;
 mod trace;
 
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 pub use predict::{PredictArgs, run_predict};
+pub use serve::{ServeArgs, run_serve};
 pub use trace::{NoiseLevelArgs, TraceArgs, run_noise_level, run_trace};
 
 use crate::load::{LoadOptions, LoadedModel, load_model};
@@ -35,6 +37,8 @@ pub enum Command {
     Trace(TraceArgs),
     /// Print the `sK` noise level of a model over the subjects of a knowns file.
     NoiseLevel(NoiseLevelArgs),
+    /// Work for a sweep coordinator: lease jobs, compute them, hand in the results.
+    Serve(ServeArgs),
 }
 
 /// Where and how to run a model.

@@ -142,6 +142,7 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         seed: args.seed,
         correctness: args.correctness,
         max_batch_tokens: args.max_batch_tokens,
+        layers: None,
     };
     let fact = FactInput {
         known_id: args.known_id,

@@ -30,6 +30,7 @@ fn config(
         seed: 99,
         correctness: Correctness::None,
         max_batch_tokens: 8192,
+        layers: None,
     }
 }
 

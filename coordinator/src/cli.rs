@@ -1,0 +1,123 @@
+//! The `coordinator` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use common::settings::{Correctness, Kind, NoiseSpec, SeedMode};
+
+/// The causal-tracing sweep coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run (or resume) a sweep: shard the dataset, lease jobs to workers, write the tables.
+    Run(Box<RunArgs>),
+    /// Print the live state of a running sweep.
+    Status(StatusArgs),
+}
+
+/// `coordinator run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The knowns dataset: a JSON array, JSON Lines (.jsonl) or Parquet file; a path or a
+    /// file://, https://, s3://, gs:// or az:// URL.
+    #[arg(long)]
+    pub knowns: String,
+    /// The model: a Hugging Face folder or a .gguf file, as a path or URL. Workers must run
+    /// the same model (checked by fingerprint).
+    #[arg(long)]
+    pub model: String,
+    /// Where the sweep's folder goes: a path or an object-store URL.
+    #[arg(long)]
+    pub out: String,
+    /// Start this many worker processes here; without it, wait for remote workers.
+    #[arg(long)]
+    pub local_workers: Option<usize>,
+    /// Threads per local worker (default: the cores shared out among them).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// The worker binary for --local-workers (default: `worker` beside this binary, then PATH).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+    /// The gRPC address workers connect to (default 127.0.0.1:0 with --local-workers,
+    /// 0.0.0.0:50051 without).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics and /healthz here.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The sweep's id (default: a digest of its settings, so the same command resumes it).
+    #[arg(long)]
+    pub sweep_id: Option<String>,
+    /// Trace only the first N records of the dataset.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Which states to restore.
+    #[arg(long, value_delimiter = ',', default_value = "hidden,mlp,attn")]
+    pub kinds: Vec<Kind>,
+    /// Noise samples per restored state.
+    #[arg(long, default_value_t = 10)]
+    pub samples: u32,
+    /// Layers restored together for mlp and attn.
+    #[arg(long, default_value_t = 10)]
+    pub window: u32,
+    /// A level (e.g. 0.1), sK (K × the std of the dataset's subject embeddings, measured by a
+    /// calibration job first) or uK (uniform noise × K).
+    #[arg(long, default_value = "s3")]
+    pub noise: NoiseSpec,
+    /// Replace the subject's embeddings with the noise instead of adding it.
+    #[arg(long)]
+    pub replace: bool,
+    /// rome: numpy RandomState(1) for every fact, as ROME; per-fact: seeded by --seed and the id.
+    #[arg(long, default_value = "rome")]
+    pub seed_mode: SeedMode,
+    /// The sweep seed for --seed-mode per-fact.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Which facts are traced: first-token, strict (ROME) or none (all).
+    #[arg(long, default_value = "first-token")]
+    pub correctness: Correctness,
+    /// Layers per job (default: all layers of a fact in one job).
+    #[arg(long)]
+    pub layers_per_job: Option<u32>,
+    /// Weights and activations on the workers: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Seconds a lease lasts without a heartbeat.
+    #[arg(long, default_value_t = 30.0)]
+    pub lease_secs: f64,
+    /// Tries of a job before it is recorded as an error.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Commit buffered rows at least this often (seconds).
+    #[arg(long, default_value_t = 30.0)]
+    pub flush_secs: f64,
+    /// Commit as soon as this many trace rows are buffered.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub flush_rows: usize,
+    /// After the sweep finishes, keep answering "finished" to workers this long (seconds).
+    #[arg(long, default_value_t = 2.0)]
+    pub linger_secs: f64,
+}
+
+/// `coordinator status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The coordinator's gRPC URL, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    pub coordinator: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,484 @@
+//! The sweep's jobs and leases: a plain state machine with no I/O, so that every rule
+//! (leases expire, failures retry a bounded number of times, a job completes once) is tested
+//! directly. The gRPC service drives it under one mutex.
+//!
+//! A job is Queued, Leased (to a worker, until a deadline that heartbeats extend), Done or
+//! Failed (given up after `max_attempts` tries). Results are deterministic, so a completion is
+//! accepted from any registered worker as long as the job is not Done: the first one wins and
+//! later ones are dropped. That, and the journal replay at start-up, is what makes every row
+//! appear exactly once.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// What a job computes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// The `sK` noise level.
+    Calibration,
+    /// Layers `layers` of the fact at `fact` in the sweep's fact list.
+    Trace {
+        /// Index into the sweep's facts.
+        fact: usize,
+        /// The layers whose scores this job computes.
+        layers: Range<u32>,
+    },
+}
+
+/// A job: its deterministic id and its work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    /// `calibration` or `<known_id>:<lo>-<hi>`.
+    pub id: String,
+    /// What it computes.
+    pub work: Work,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Status {
+    Queued,
+    Leased { worker: String, lease_id: u64, deadline: Instant },
+    Done,
+    Failed,
+}
+
+#[derive(Debug)]
+struct JobState {
+    spec: JobSpec,
+    status: Status,
+    /// Failed tries so far (failures and expired leases; releases do not count).
+    attempts: u32,
+}
+
+#[derive(Debug)]
+struct WorkerState {
+    name: String,
+    last_seen: Instant,
+}
+
+/// A job handed to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    /// The job.
+    pub spec: JobSpec,
+    /// Names this lease.
+    pub lease_id: u64,
+}
+
+/// The answer to a lease request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseOutcome {
+    /// Compute this.
+    Job(Lease),
+    /// Nothing to hand out now; ask again later.
+    Wait,
+    /// Every job is done or given up.
+    Finished,
+}
+
+/// A job given up on: it becomes an `errors` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GivenUp {
+    /// The job.
+    pub spec: JobSpec,
+    /// Where its last try failed.
+    pub stage: String,
+    /// Why, with the number of tries.
+    pub message: String,
+}
+
+/// Counts for progress, status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Jobs in the sweep (done in earlier runs included).
+    pub total: u64,
+    /// Waiting for a worker.
+    pub queued: u64,
+    /// Being computed.
+    pub leased: u64,
+    /// Done (this run or earlier).
+    pub done: u64,
+    /// Given up.
+    pub failed: u64,
+    /// Tries that failed or expired and were queued again.
+    pub retries: u64,
+    /// Registered workers seen within the last lease period.
+    pub workers: u64,
+}
+
+/// Jobs, leases and workers.
+#[derive(Debug)]
+pub struct Scheduler {
+    jobs: Vec<JobState>,
+    index: HashMap<String, usize>,
+    queue: VecDeque<usize>,
+    workers: HashMap<String, WorkerState>,
+    next_lease: u64,
+    next_worker: u64,
+    lease_length: Duration,
+    max_attempts: u32,
+    /// While true only the calibration job is handed out: the others need its noise level.
+    calibrating: bool,
+    retries: u64,
+}
+
+impl Scheduler {
+    /// An empty scheduler; leases last `lease_length` unless extended.
+    pub fn new(lease_length: Duration, max_attempts: u32) -> Self {
+        Self {
+            jobs: Vec::new(),
+            index: HashMap::new(),
+            queue: VecDeque::new(),
+            workers: HashMap::new(),
+            next_lease: 1,
+            next_worker: 1,
+            lease_length,
+            max_attempts: max_attempts.max(1),
+            calibrating: false,
+            retries: 0,
+        }
+    }
+
+    /// Adds jobs; `done` ones (committed by an earlier run) are counted but never handed out.
+    /// A calibration job that is not done holds back the others until it completes.
+    pub fn add(&mut self, specs: impl IntoIterator<Item = JobSpec>, done: impl Fn(&str) -> bool) {
+        for spec in specs {
+            if self.index.contains_key(&spec.id) {
+                continue;
+            }
+            let i = self.jobs.len();
+            let is_done = done(&spec.id);
+            if spec.work == Work::Calibration && !is_done {
+                self.calibrating = true;
+                self.queue.push_front(i);
+            } else if !is_done {
+                self.queue.push_back(i);
+            }
+            self.index.insert(spec.id.clone(), i);
+            let status = if is_done { Status::Done } else { Status::Queued };
+            self.jobs.push(JobState { spec, status, attempts: 0 });
+        }
+    }
+
+    /// Registers a worker and returns its id.
+    pub fn register(&mut self, name: &str, now: Instant) -> String {
+        let id = format!("w{}", self.next_worker);
+        self.next_worker += 1;
+        self.workers.insert(id.clone(), WorkerState { name: name.to_string(), last_seen: now });
+        id
+    }
+
+    /// Whether `worker` is registered (false after a coordinator restart).
+    pub fn knows(&mut self, worker: &str, now: Instant) -> bool {
+        match self.workers.get_mut(worker) {
+            Some(w) => {
+                w.last_seen = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The next job for `worker`.
+    pub fn lease(&mut self, worker: &str, now: Instant) -> LeaseOutcome {
+        if self.finished() {
+            return LeaseOutcome::Finished;
+        }
+        let next = if self.calibrating {
+            // Only the calibration job may go out; it sits at the front when queued.
+            self.queue
+                .front()
+                .copied()
+                .filter(|&i| self.jobs[i].spec.work == Work::Calibration)
+                .inspect(|_| {
+                    self.queue.pop_front();
+                })
+        } else {
+            self.queue.pop_front()
+        };
+        let Some(i) = next else { return LeaseOutcome::Wait };
+        let lease_id = self.next_lease;
+        self.next_lease += 1;
+        let job = &mut self.jobs[i];
+        job.status = Status::Leased {
+            worker: worker.to_string(),
+            lease_id,
+            deadline: now + self.lease_length,
+        };
+        LeaseOutcome::Job(Lease { spec: job.spec.clone(), lease_id })
+    }
+
+    /// Extends `worker`'s lease on `job`; false when the job is no longer leased to it.
+    pub fn heartbeat(&mut self, worker: &str, job: &str, lease_id: u64, now: Instant) -> bool {
+        let Some(&i) = self.index.get(job) else { return false };
+        match &mut self.jobs[i].status {
+            Status::Leased { worker: w, lease_id: l, deadline }
+                if w == worker && *l == lease_id =>
+            {
+                *deadline = now + self.lease_length;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The job with this id.
+    pub fn spec(&self, job: &str) -> Option<JobSpec> {
+        self.index.get(job).map(|&i| self.jobs[i].spec.clone())
+    }
+
+    /// Marks `job` done. `Some(spec)` the first time (keep the result), `None` when it was
+    /// already done or given up, or is unknown (drop the result).
+    pub fn complete(&mut self, job: &str) -> Option<JobSpec> {
+        let &i = self.index.get(job)?;
+        let state = &mut self.jobs[i];
+        match state.status {
+            Status::Done | Status::Failed => None,
+            Status::Queued => {
+                self.queue.retain(|&q| q != i);
+                Some(self.finish(i))
+            }
+            Status::Leased { .. } => Some(self.finish(i)),
+        }
+    }
+
+    fn finish(&mut self, i: usize) -> JobSpec {
+        let state = &mut self.jobs[i];
+        state.status = Status::Done;
+        if state.spec.work == Work::Calibration {
+            self.calibrating = false;
+        }
+        state.spec.clone()
+    }
+
+    /// A failed try of `job` by `worker` under `lease_id`. A release (the worker shuts down)
+    /// puts the job back at the front without counting a try; a permanent failure gives up at
+    /// once. Returns the job when it is given up. Ignored unless `worker` holds that lease.
+    pub fn fail(
+        &mut self,
+        worker: &str,
+        job: &str,
+        lease_id: u64,
+        failure: Failure<'_>,
+    ) -> Option<GivenUp> {
+        let &i = self.index.get(job)?;
+        match &self.jobs[i].status {
+            Status::Leased { worker: w, lease_id: l, .. } if w == worker && *l == lease_id => {}
+            _ => return None,
+        }
+        if failure.release {
+            self.jobs[i].status = Status::Queued;
+            self.queue.push_front(i);
+            return None;
+        }
+        self.retry_or_give_up(i, failure.stage, failure.message, failure.permanent)
+    }
+
+    fn retry_or_give_up(
+        &mut self,
+        i: usize,
+        stage: &str,
+        message: &str,
+        permanent: bool,
+    ) -> Option<GivenUp> {
+        let max_attempts = self.max_attempts;
+        let job = &mut self.jobs[i];
+        job.attempts += 1;
+        if permanent || job.attempts >= max_attempts {
+            job.status = Status::Failed;
+            if job.spec.work == Work::Calibration {
+                // Without a noise level nothing can run: the run loop sees this and stops.
+                self.calibrating = false;
+            }
+            let tries = job.attempts;
+            return Some(GivenUp {
+                spec: job.spec.clone(),
+                stage: stage.to_string(),
+                message: format!("{message} (after {tries} tries)"),
+            });
+        }
+        job.status = Status::Queued;
+        self.queue.push_back(i);
+        self.retries += 1;
+        None
+    }
+
+    /// Takes back leases whose deadline passed (their worker died or hangs); returns the jobs
+    /// given up because of it. The run loop calls it a few times a second.
+    pub fn expire(&mut self, now: Instant) -> Vec<GivenUp> {
+        let expired: Vec<(usize, String)> = self
+            .jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| match &j.status {
+                Status::Leased { worker, deadline, .. } if *deadline <= now => {
+                    Some((i, worker.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut given_up = Vec::new();
+        for (i, worker) in expired {
+            let name = self.workers.get(&worker).map_or("?", |w| w.name.as_str()).to_string();
+            let message = format!("lease expired: worker {worker} ({name}) stopped heartbeating");
+            given_up.extend(self.retry_or_give_up(i, "lease", &message, false));
+        }
+        let horizon = self.lease_length * 4;
+        self.workers.retain(|_, w| now.saturating_duration_since(w.last_seen) < horizon);
+        given_up
+    }
+
+    /// Whether every job is done or given up.
+    pub fn finished(&self) -> bool {
+        self.jobs.iter().all(|j| matches!(j.status, Status::Done | Status::Failed))
+    }
+
+    /// Whether the calibration job was given up (the sweep cannot go on).
+    pub fn calibration_failed(&self) -> bool {
+        self.jobs.iter().any(|j| j.spec.work == Work::Calibration && j.status == Status::Failed)
+    }
+
+    /// Whether the calibration job is still to be done.
+    pub fn calibrating(&self) -> bool {
+        self.calibrating
+    }
+
+    /// Counts for progress and metrics.
+    pub fn counts(&self, now: Instant) -> Counts {
+        let mut c =
+            Counts { total: self.jobs.len() as u64, retries: self.retries, ..Counts::default() };
+        for job in &self.jobs {
+            match job.status {
+                Status::Queued => c.queued += 1,
+                Status::Leased { .. } => c.leased += 1,
+                Status::Done => c.done += 1,
+                Status::Failed => c.failed += 1,
+            }
+        }
+        c.workers = self
+            .workers
+            .values()
+            .filter(|w| now.saturating_duration_since(w.last_seen) < self.lease_length)
+            .count() as u64;
+        c
+    }
+}
+
+/// How a try failed.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    /// Where.
+    pub stage: &'a str,
+    /// Why.
+    pub message: &'a str,
+    /// Given back unharmed (not a failure).
+    pub release: bool,
+    /// Retrying cannot help.
+    pub permanent: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(fact: usize) -> JobSpec {
+        JobSpec { id: format!("{fact}:0-2"), work: Work::Trace { fact, layers: 0..2 } }
+    }
+
+    fn calibration() -> JobSpec {
+        JobSpec { id: "calibration".into(), work: Work::Calibration }
+    }
+
+    fn leased(outcome: LeaseOutcome) -> Lease {
+        match outcome {
+            LeaseOutcome::Job(lease) => lease,
+            other => panic!("expected a job, got {other:?}"),
+        }
+    }
+
+    const FAIL: Failure<'static> =
+        Failure { stage: "trace", message: "boom", release: false, permanent: false };
+
+    #[test]
+    fn calibration_goes_first_and_alone() {
+        let mut s = Scheduler::new(Duration::from_secs(10), 3);
+        let now = Instant::now();
+        s.add([trace(0), calibration(), trace(1)], |_| false);
+        let w = s.register("a", now);
+        let cal = leased(s.lease(&w, now));
+        assert_eq!(cal.spec.work, Work::Calibration);
+        assert_eq!(s.lease(&w, now), LeaseOutcome::Wait);
+        assert!(s.complete("calibration").is_some());
+        assert_eq!(leased(s.lease(&w, now)).spec.id, "0:0-2");
+    }
+
+    #[test]
+    fn expired_leases_retry_then_give_up() {
+        let mut s = Scheduler::new(Duration::from_secs(10), 2);
+        let t0 = Instant::now();
+        s.add([trace(0)], |_| false);
+        let w = s.register("a", t0);
+        let first = leased(s.lease(&w, t0));
+        // Heartbeats keep it.
+        assert!(s.heartbeat(&w, &first.spec.id, first.lease_id, t0 + Duration::from_secs(8)));
+        assert!(s.expire(t0 + Duration::from_secs(15)).is_empty());
+        assert_eq!(s.counts(t0).leased, 1);
+        // Silence loses it: queued again, one try counted.
+        assert!(s.expire(t0 + Duration::from_secs(30)).is_empty());
+        assert_eq!(s.counts(t0).retries, 1);
+        let t1 = t0 + Duration::from_secs(31);
+        let second = leased(s.lease(&w, t1));
+        assert!(!s.heartbeat(&w, &first.spec.id, first.lease_id, t1), "old lease is gone");
+        let given_up = s.expire(t1 + Duration::from_secs(11));
+        assert_eq!(given_up.len(), 1);
+        assert!(given_up[0].message.contains("after 2 tries"), "{given_up:?}");
+        assert_eq!(given_up[0].spec, second.spec);
+        assert!(s.finished());
+        assert_eq!(s.lease(&w, t1), LeaseOutcome::Finished);
+    }
+
+    #[test]
+    fn completes_once_whoever_finishes() {
+        let mut s = Scheduler::new(Duration::from_secs(10), 3);
+        let t0 = Instant::now();
+        s.add([trace(0), trace(1)], |id| id == "1:0-2");
+        assert_eq!(s.counts(t0).done, 1);
+        let a = s.register("a", t0);
+        let lease = leased(s.lease(&a, t0));
+        s.expire(t0 + Duration::from_secs(11));
+        let b = s.register("b", t0);
+        let again = leased(s.lease(&b, t0 + Duration::from_secs(12)));
+        assert_eq!(lease.spec, again.spec);
+        // The late first worker finishes first: accepted; the second is dropped.
+        assert!(s.complete(&lease.spec.id).is_some());
+        assert!(s.complete(&again.spec.id).is_none());
+        assert!(s.complete("1:0-2").is_none(), "done in an earlier run");
+        assert!(s.finished());
+    }
+
+    #[test]
+    fn failures_retry_releases_do_not_count_and_permanent_ones_stop() {
+        let mut s = Scheduler::new(Duration::from_secs(10), 2);
+        let now = Instant::now();
+        s.add([trace(0), trace(1)], |_| false);
+        let w = s.register("a", now);
+        let l = leased(s.lease(&w, now));
+        let release = Failure { release: true, ..FAIL };
+        assert!(s.fail(&w, &l.spec.id, l.lease_id, release).is_none());
+        let l = leased(s.lease(&w, now));
+        assert_eq!(l.spec.id, "0:0-2", "a released job goes back to the front");
+        assert!(s.fail("other", &l.spec.id, l.lease_id, FAIL).is_none(), "not its lease");
+        assert!(s.fail(&w, &l.spec.id, l.lease_id, FAIL).is_none());
+        let l1 = leased(s.lease(&w, now));
+        assert_eq!(l1.spec.id, "1:0-2");
+        let permanent = Failure { permanent: true, ..FAIL };
+        let given_up = s.fail(&w, &l1.spec.id, l1.lease_id, permanent).expect("given up");
+        assert!(given_up.message.contains("after 1 tries"));
+        let l0 = leased(s.lease(&w, now));
+        assert_eq!(l0.spec.id, "0:0-2");
+        assert!(s.fail(&w, &l0.spec.id, l0.lease_id, FAIL).is_some(), "second try was the last");
+        let c = s.counts(now);
+        assert_eq!((c.failed, c.done, c.retries), (2, 0, 1));
+    }
+}

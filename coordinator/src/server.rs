@@ -1,0 +1,30 @@
+//! The gRPC server: the coordinator service and the standard health service.
+
+use proto::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::service::Service;
+
+/// Serves until `stop` turns true.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    service: Service,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<CoordinatorServer<Service>>().await;
+    let coordinator = CoordinatorServer::new(service)
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(coordinator)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!("gRPC server: {e}");
+    }
+}

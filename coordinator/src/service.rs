@@ -1,0 +1,418 @@
+//! The gRPC service: registration, leases, heartbeats, results and failures, over the shared
+//! sweep state. Handlers take the scheduler's lock briefly and never across an await.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::dataset::KnownFact;
+use common::settings::{Distribution, NoiseSpec};
+use common::sweep::{CALIBRATION_JOB, SweepSettings, layer_ranges, trace_job_id};
+use common::tables::ErrorRow;
+use proto::coordinator_server::Coordinator;
+use proto::{job, lease_reply};
+use tonic::{Request, Response, Status};
+
+use crate::journal::Calibration;
+use crate::metrics::Metrics;
+use crate::results::job_rows;
+use crate::scheduler::{Failure, GivenUp, JobSpec, LeaseOutcome, Scheduler, Work};
+use crate::writer::Writer;
+
+/// What does not change during a sweep.
+#[derive(Debug)]
+pub struct Sweep {
+    /// The sweep id.
+    pub id: String,
+    /// Its settings.
+    pub settings: SweepSettings,
+    /// The facts it traces.
+    pub facts: Vec<KnownFact>,
+    /// Every valid subject of the dataset: ROME measures the `sK` level over all of them.
+    pub subjects: Vec<String>,
+    /// The model's name, for the `model` column.
+    pub model_name: String,
+    /// Where the tables go, for messages.
+    pub out_display: String,
+}
+
+/// The state the service and the run loop share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Fixed facts about the sweep.
+    pub sweep: Sweep,
+    /// Jobs and leases.
+    pub sched: Mutex<Scheduler>,
+    /// The tables' writer.
+    pub writer: Writer,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// The model's layer count, from the first worker (or the journal).
+    pub n_layers: OnceLock<u32>,
+    /// The calibration, once known.
+    pub calibration: OnceLock<Calibration>,
+    /// Jobs committed by earlier runs.
+    pub committed: HashSet<String>,
+    /// When this run started.
+    pub started: Instant,
+    /// Lease length.
+    pub lease: Duration,
+    /// Wakes the run loop to flush at once (after the calibration).
+    pub flush_now: tokio::sync::Notify,
+}
+
+fn lock(m: &Mutex<Scheduler>) -> std::sync::MutexGuard<'_, Scheduler> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Creates the trace jobs once the layer count is known.
+    pub fn set_n_layers(&self, n_layers: u32) -> Result<(), String> {
+        if let Some(&known) = self.n_layers.get() {
+            return if known == n_layers {
+                Ok(())
+            } else {
+                Err(format!("the sweep's model has {known} layers, this worker's {n_layers}"))
+            };
+        }
+        if self.n_layers.set(n_layers).is_err() {
+            return Ok(()); // another registration won the race with the same fingerprint
+        }
+        self.writer.set_n_layers(n_layers);
+        let ranges = layer_ranges(n_layers, self.sweep.settings.layers_per_job);
+        let specs = self.sweep.facts.iter().enumerate().flat_map(|(i, fact)| {
+            ranges.iter().map(move |layers| JobSpec {
+                id: trace_job_id(fact.known_id, layers),
+                work: Work::Trace { fact: i, layers: layers.clone() },
+            })
+        });
+        lock(&self.sched).add(specs, |id| self.committed.contains(id));
+        Ok(())
+    }
+
+    /// The noise the trace jobs use, once known.
+    fn noise(&self) -> Option<(f64, Distribution)> {
+        match self.sweep.settings.noise {
+            NoiseSpec::Level(level) => Some((level, Distribution::Normal)),
+            NoiseSpec::Uniform(k) => Some((k, Distribution::Uniform)),
+            NoiseSpec::StdMultiple(_) => {
+                self.calibration.get().map(|c| (c.level, Distribution::Normal))
+            }
+        }
+    }
+
+    fn job_message(&self, spec: &JobSpec, lease_id: u64) -> Option<proto::Job> {
+        let work = match &spec.work {
+            Work::Calibration => job::Work::Calibration(proto::Calibration {
+                subjects: self.sweep.subjects.clone(),
+                factor: match self.sweep.settings.noise {
+                    NoiseSpec::StdMultiple(k) => k,
+                    _ => 1.0,
+                },
+            }),
+            Work::Trace { fact, layers } => {
+                let (level, distribution) = self.noise()?;
+                let s = &self.sweep.settings;
+                let fact = &self.sweep.facts[*fact];
+                job::Work::Trace(proto::TraceJob {
+                    fact: Some(proto::Fact {
+                        known_id: fact.known_id,
+                        prompt: fact.prompt.clone(),
+                        subject: fact.subject.clone(),
+                        attribute: fact.attribute.clone(),
+                    }),
+                    layer_start: layers.start,
+                    layer_end: layers.end,
+                    settings: Some(proto::TraceSettings {
+                        kinds: s.kinds.iter().map(|k| k.name().to_string()).collect(),
+                        samples: s.samples,
+                        window: s.window,
+                        noise_level: level,
+                        distribution: distribution.to_string(),
+                        replace: s.replace,
+                        seed_mode: s.seed_mode.to_string(),
+                        seed: s.seed,
+                        correctness: s.correctness.to_string(),
+                    }),
+                })
+            }
+        };
+        Some(proto::Job { job_id: spec.id.clone(), lease_id, work: Some(work) })
+    }
+
+    /// Records jobs given up as `errors` rows.
+    pub fn record_given_up(&self, given_up: Vec<GivenUp>) {
+        if given_up.is_empty() {
+            return;
+        }
+        self.writer.with_buffer(|b| {
+            for g in given_up {
+                let known_id = match g.spec.work {
+                    Work::Trace { fact, .. } => Some(self.sweep.facts[fact].known_id),
+                    Work::Calibration => None,
+                };
+                tracing::warn!(job = g.spec.id, stage = g.stage, "given up: {}", g.message);
+                b.errors.push(ErrorRow {
+                    known_id,
+                    record: None,
+                    job: Some(g.spec.id.clone()),
+                    stage: g.stage,
+                    message: g.message,
+                });
+                b.jobs.push(g.spec.id);
+            }
+        });
+    }
+
+    fn check_worker(&self, worker: &str) -> Result<(), Status> {
+        if lock(&self.sched).knows(worker, Instant::now()) {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!("unknown worker {worker}: register again")))
+        }
+    }
+
+    /// The live state, for `coordinator status` and the progress line.
+    pub fn status(&self) -> proto::StatusReply {
+        let sched = lock(&self.sched);
+        let c = sched.counts(Instant::now());
+        let state =
+            if sched.finished() && (self.sweep.facts.is_empty() || self.n_layers.get().is_some()) {
+                "finished"
+            } else if self.n_layers.get().is_none() && !self.sweep.facts.is_empty() {
+                if sched.calibrating() { "calibrating" } else { "waiting for workers" }
+            } else if sched.calibrating() {
+                "calibrating"
+            } else {
+                "running"
+            };
+        drop(sched);
+        let per_fact = self
+            .n_layers
+            .get()
+            .map_or(1, |&n| layer_ranges(n, self.sweep.settings.layers_per_job).len() as u64);
+        let trace_jobs_ended = (c.done + c.failed)
+            .saturating_sub(u64::from(self.sweep.settings.noise.needs_calibration()));
+        let totals = self.writer.totals();
+        proto::StatusReply {
+            sweep_id: self.sweep.id.clone(),
+            state: state.into(),
+            facts_total: self.sweep.facts.len() as u64,
+            facts_done: if self.n_layers.get().is_some() { trace_jobs_ended / per_fact } else { 0 },
+            jobs_total: c.total,
+            jobs_queued: c.queued,
+            jobs_leased: c.leased,
+            jobs_done: c.done,
+            jobs_failed: c.failed,
+            retries: c.retries,
+            workers: c.workers,
+            rows_written: totals.trace_rows_total() + totals.facts + totals.errors,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            out: self.sweep.out_display.clone(),
+        }
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct Service(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterReply>, Status> {
+        let r = request.into_inner();
+        let shared = &self.0;
+        let settings = &shared.sweep.settings;
+        if r.model_fingerprint != settings.model_fingerprint {
+            tracing::warn!(
+                worker = r.name,
+                "refused: model {} is not the sweep's",
+                r.model_fingerprint
+            );
+            return Err(Status::failed_precondition(format!(
+                "this worker's model ({}) is not the sweep's ({}): start it with the sweep's model",
+                r.model_fingerprint, settings.model_fingerprint
+            )));
+        }
+        let caps = r.capabilities.unwrap_or_default();
+        if caps.dtype != settings.dtype {
+            return Err(Status::failed_precondition(format!(
+                "this worker runs {}, the sweep {}: start it with --dtype {}",
+                caps.dtype, settings.dtype, settings.dtype
+            )));
+        }
+        if caps.n_layers == 0 {
+            return Err(Status::invalid_argument("capabilities.n_layers must be set"));
+        }
+        shared.set_n_layers(caps.n_layers).map_err(Status::failed_precondition)?;
+        let worker_id = lock(&shared.sched).register(&r.name, Instant::now());
+        tracing::info!(worker = worker_id, name = r.name, device = caps.device, "registered");
+        let lease_ms = shared.lease.as_millis() as u64;
+        Ok(Response::new(proto::RegisterReply {
+            worker_id,
+            sweep_id: shared.sweep.id.clone(),
+            heartbeat_ms: (lease_ms / 3).max(1),
+            lease_ms,
+            dtype: settings.dtype.clone(),
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseReply>, Status> {
+        let worker = request.into_inner().worker_id;
+        let shared = &self.0;
+        shared.check_worker(&worker)?;
+        let outcome = lock(&shared.sched).lease(&worker, Instant::now());
+        let reply = match outcome {
+            LeaseOutcome::Job(lease) => match shared.job_message(&lease.spec, lease.lease_id) {
+                Some(job) => lease_reply::Reply::Job(job),
+                None => {
+                    // No noise level (the calibration was given up): hand it back and wait.
+                    let release =
+                        Failure { stage: "lease", message: "", release: true, permanent: false };
+                    lock(&shared.sched).fail(&worker, &lease.spec.id, lease.lease_id, release);
+                    lease_reply::Reply::Wait(proto::Wait { retry_ms: 1000 })
+                }
+            },
+            LeaseOutcome::Wait => lease_reply::Reply::Wait(proto::Wait { retry_ms: 250 }),
+            LeaseOutcome::Finished => lease_reply::Reply::Finished(proto::Finished {}),
+        };
+        Ok(Response::new(proto::LeaseReply { reply: Some(reply) }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        let r = request.into_inner();
+        self.0.check_worker(&r.worker_id)?;
+        let keep_going =
+            lock(&self.0.sched).heartbeat(&r.worker_id, &r.job_id, r.lease_id, Instant::now());
+        Ok(Response::new(proto::HeartbeatReply { keep_going }))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<proto::CompleteRequest>,
+    ) -> Result<Response<proto::CompleteReply>, Status> {
+        let r = request.into_inner();
+        let shared = &self.0;
+        shared.check_worker(&r.worker_id)?;
+        let accepted = match r.result {
+            Some(proto::complete_request::Result::Calibration(c)) => {
+                accept_calibration(shared, &r.job_id, c)
+            }
+            Some(proto::complete_request::Result::Trace(t)) => {
+                accept_trace(shared, &r.worker_id, &r.job_id, r.lease_id, &t)
+            }
+            None => return Err(Status::invalid_argument("a completion needs a result")),
+        };
+        if accepted {
+            shared.metrics.completions.inc();
+            shared.metrics.job_seconds.observe(r.seconds);
+        }
+        Ok(Response::new(proto::CompleteReply { accepted }))
+    }
+
+    async fn fail(
+        &self,
+        request: Request<proto::FailRequest>,
+    ) -> Result<Response<proto::FailReply>, Status> {
+        let r = request.into_inner();
+        let shared = &self.0;
+        shared.check_worker(&r.worker_id)?;
+        if !r.release {
+            tracing::warn!(
+                worker = r.worker_id,
+                job = r.job_id,
+                stage = r.stage,
+                "failed: {}",
+                r.message
+            );
+        }
+        let failure = Failure {
+            stage: &r.stage,
+            message: &r.message,
+            release: r.release,
+            permanent: r.permanent,
+        };
+        let given_up = lock(&shared.sched).fail(&r.worker_id, &r.job_id, r.lease_id, failure);
+        shared.record_given_up(given_up.into_iter().collect());
+        Ok(Response::new(proto::FailReply {}))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        Ok(Response::new(self.0.status()))
+    }
+}
+
+fn accept_calibration(shared: &Shared, job_id: &str, c: proto::CalibrationResult) -> bool {
+    if job_id != CALIBRATION_JOB || !c.level.is_finite() || c.level < 0.0 {
+        return false;
+    }
+    if lock(&shared.sched).complete(job_id).is_none() {
+        return false;
+    }
+    let calibration = Calibration { std: c.std, level: c.level, subjects: c.subjects };
+    tracing::info!(std = c.std, level = c.level, "calibrated the noise level");
+    let _ = shared.calibration.set(calibration);
+    shared.writer.with_buffer(|b| {
+        b.calibration = Some(calibration);
+        b.jobs.push(job_id.to_string());
+    });
+    shared.flush_now.notify_one();
+    true
+}
+
+fn accept_trace(
+    shared: &Shared,
+    worker: &str,
+    job_id: &str,
+    lease_id: u64,
+    result: &proto::TraceResult,
+) -> bool {
+    // Check the result against its job before it counts.
+    let Some(spec) = lock(&shared.sched).spec(job_id) else { return false };
+    let Work::Trace { fact, layers } = &spec.work else { return false };
+    let fact = &shared.sweep.facts[*fact];
+    let rows =
+        match job_rows(fact, layers, &shared.sweep.settings, &shared.sweep.model_name, result) {
+            Ok(rows) => rows,
+            Err(message) => {
+                let failure = Failure {
+                    stage: "result",
+                    message: &message,
+                    release: false,
+                    permanent: false,
+                };
+                let given_up = lock(&shared.sched).fail(worker, job_id, lease_id, failure);
+                shared.record_given_up(given_up.into_iter().collect());
+                return false;
+            }
+        };
+    // Buffer the rows under the scheduler's lock so that a flush never sees a job marked done
+    // without its rows.
+    let mut sched = lock(&shared.sched);
+    if sched.complete(job_id).is_none() {
+        return false;
+    }
+    shared.writer.with_buffer(|b| {
+        if let Some(row) = rows.fact {
+            b.facts.push(row);
+        }
+        for row in rows.traces {
+            b.traces.entry(row.kind).or_default().push(row);
+        }
+        b.jobs.push(job_id.to_string());
+    });
+    drop(sched);
+    true
+}
