@@ -57,6 +57,8 @@ impl std::fmt::Display for RecordError {
 pub struct Knowns {
     /// Valid facts, in file order.
     pub facts: Vec<KnownFact>,
+    /// Each valid fact's zero-based position in the file.
+    pub positions: Vec<usize>,
     /// Invalid records, in file order.
     pub errors: Vec<RecordError>,
 }
@@ -71,7 +73,10 @@ pub fn parse_knowns_json(source: &str, text: &str) -> Result<Knowns> {
     let mut knowns = Knowns::default();
     for (index, value) in values.into_iter().enumerate() {
         match fact_from_value(value) {
-            Ok(fact) => knowns.facts.push(fact),
+            Ok(fact) => {
+                knowns.facts.push(fact);
+                knowns.positions.push(index);
+            }
             Err((known_id, message)) => {
                 knowns.errors.push(RecordError { index, known_id, message })
             }

@@ -86,7 +86,10 @@ fn push(
     record: std::result::Result<crate::dataset::KnownFact, (Option<u64>, String)>,
 ) {
     match record {
-        Ok(fact) => knowns.facts.push(fact),
+        Ok(fact) => {
+            knowns.facts.push(fact);
+            knowns.positions.push(index);
+        }
         Err((known_id, message)) => knowns.errors.push(RecordError { index, known_id, message }),
     }
 }
@@ -149,20 +152,21 @@ fn cell(column: &dyn Array, row: usize) -> Option<Value> {
 fn drop_duplicate_ids(knowns: &mut Knowns) {
     let mut first: HashMap<u64, usize> = HashMap::new();
     let facts = std::mem::take(&mut knowns.facts);
-    for (position, fact) in facts.into_iter().enumerate() {
+    let positions = std::mem::take(&mut knowns.positions);
+    for (fact, index) in facts.into_iter().zip(positions) {
         if let Some(&earlier) = first.get(&fact.known_id) {
             knowns.errors.push(RecordError {
-                index: position,
+                index,
                 known_id: Some(fact.known_id),
-                message: format!(
-                    "field `known_id` repeats the id of valid fact number {earlier} of the dataset"
-                ),
+                message: format!("field `known_id` repeats the id of record {earlier}"),
             });
         } else {
-            first.insert(fact.known_id, position);
+            first.insert(fact.known_id, index);
             knowns.facts.push(fact);
+            knowns.positions.push(index);
         }
     }
+    knowns.errors.sort_by_key(|e| e.index);
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ pub struct JobsInfo {
     pub done: u64,
     /// Given up (in `errors`).
     pub failed: u64,
+    /// Tries that failed or whose lease expired, queued again (this run).
+    pub retries: u64,
 }
 
 /// The manifest.

@@ -148,6 +148,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         started,
         lease: Duration::from_secs_f64(args.lease_secs),
         flush_now: tokio::sync::Notify::new(),
+        fatal: OnceLock::new(),
     });
     if let Some(c) = replayed.calibration {
         let _ = shared.calibration.set(c);
@@ -298,6 +299,10 @@ async fn drive(
             flush(shared, out, info, "running").await?;
             last_flush = Instant::now();
         }
+        if let Some(message) = shared.fatal.get() {
+            progress.finish();
+            bail!("{message}");
+        }
         if lock_sched(shared).calibration_failed() {
             progress.finish();
             bail!(
@@ -360,7 +365,7 @@ impl ManifestInfo<'_> {
                 std: calibration.map(|c| c.std),
             },
             dataset: self.dataset.clone(),
-            jobs: JobsInfo { total: c.total, done: c.done, failed: c.failed },
+            jobs: JobsInfo { total: c.total, done: c.done, failed: c.failed, retries: c.retries },
             commits: totals_commits(shared),
             rows: totals,
             created_unix: self.created,

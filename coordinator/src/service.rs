@@ -59,6 +59,8 @@ pub struct Shared {
     pub lease: Duration,
     /// Wakes the run loop to flush at once (after the calibration).
     pub flush_now: tokio::sync::Notify,
+    /// Set when the sweep cannot go on (e.g. its settings do not fit the model).
+    pub fatal: OnceLock<String>,
 }
 
 fn lock(m: &Mutex<Scheduler>) -> std::sync::MutexGuard<'_, Scheduler> {
@@ -74,6 +76,14 @@ impl Shared {
             } else {
                 Err(format!("the sweep's model has {known} layers, this worker's {n_layers}"))
             };
+        }
+        if self.sweep.settings.window > n_layers {
+            let message = format!(
+                "--window {} is more than the model's {n_layers} layers",
+                self.sweep.settings.window
+            );
+            let _ = self.fatal.set(message.clone());
+            return Err(message);
         }
         if self.n_layers.set(n_layers).is_err() {
             return Ok(()); // another registration won the race with the same fingerprint

@@ -1,1 +1,275 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: the real `coordinator` and `worker` binaries as
+//! processes on 127.0.0.1, the fixtures, and readers for a sweep's tables.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::tables::{ErrorRow, FactSummary, TraceRow, read_errors, read_facts, read_traces};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A committed fixture.
+pub fn fixture(rel: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(rel)
+}
+
+/// ROME's knowns dataset beside the checkout (or `CT_KNOWNS`).
+pub fn knowns_path() -> PathBuf {
+    let path = std::env::var("CT_KNOWNS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("../shared/data/known_1000.json"));
+    assert!(path.is_file(), "{} is missing: set CT_KNOWNS", path.display());
+    path
+}
+
+/// SmolLM2's GGUF (fetched by scripts/fetch-model.sh; never skipped when absent).
+pub fn smollm2_path() -> PathBuf {
+    let path = std::env::var("CT_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|_| {
+        let base = std::env::var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache")
+        });
+        base.join("causal-trace/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.is_file(), "{} is missing: run scripts/fetch-model.sh", path.display());
+    path
+}
+
+/// The folder holding the workspace's binaries, built once per test process (cargo builds
+/// a package's own binaries for its tests only, and these live in other packages).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/<profile>
+        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let mut build = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+        build.current_dir(repo_root()).args([
+            "build",
+            "-p",
+            "coordinator",
+            "-p",
+            "worker",
+            "--bins",
+        ]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo build runs");
+        assert!(status.success(), "building the coordinator and worker binaries failed");
+        dir
+    })
+}
+
+/// The path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A child process whose stderr goes to a log file, killed when dropped.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Its stderr.
+    pub log: PathBuf,
+    /// Its stdout.
+    pub out: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, logging into `dir/<tag>.{err,out}`.
+    pub fn start(bin: &Path, args: &[String], dir: &Path, tag: &str) -> Self {
+        let log = dir.join(format!("{tag}.err"));
+        let out = dir.join(format!("{tag}.out"));
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::fs::File::create(&log).expect("stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        Self { child, log, out }
+    }
+
+    /// Waits for the exit status, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not exit within {limit:?}; stderr:\n{}",
+                    self.log.display(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `coordinator status --json`, if the coordinator answers.
+pub fn status(port: u16) -> Option<serde_json::Value> {
+    let output = Command::new(bin("coordinator"))
+        .args(["status", "--json", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// A sweep's tables, read back.
+#[derive(Debug, Default)]
+pub struct Tables {
+    /// `facts`.
+    pub facts: Vec<FactSummary>,
+    /// `traces`, all kinds.
+    pub traces: Vec<TraceRow>,
+    /// `errors`.
+    pub errors: Vec<ErrorRow>,
+    /// The Parquet files read.
+    pub files: Vec<PathBuf>,
+}
+
+fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            parquet_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            out.push(path);
+        }
+    }
+}
+
+/// Reads every table of the sweep folder `dir`.
+pub fn read_tables(dir: &Path) -> Tables {
+    let mut tables = Tables::default();
+    for table in ["facts", "traces", "errors"] {
+        let mut files = Vec::new();
+        parquet_files(&dir.join(table), &mut files);
+        files.sort();
+        for file in files {
+            let bytes = Bytes::from(std::fs::read(&file).expect("read parquet"));
+            match table {
+                "facts" => tables.facts.extend(read_facts(&bytes).expect("facts file")),
+                "traces" => tables.traces.extend(read_traces(&bytes).expect("traces file")),
+                _ => tables.errors.extend(read_errors(&bytes).expect("errors file")),
+            }
+            tables.files.push(file);
+        }
+    }
+    tables
+}
+
+/// The single sweep folder under `out`.
+pub fn sweep_dir(out: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(out)
+        .expect("out exists")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one sweep folder in {}: {dirs:?}", out.display());
+    dirs[0].clone()
+}
+
+impl Tables {
+    /// Asserts every (fact, kind, token, layer) row appears exactly once and that the traced
+    /// facts have exactly T × L × kinds rows; returns the row count.
+    pub fn assert_exactly_once(&self, n_layers: u32, kinds: usize) -> usize {
+        let mut seen = HashSet::new();
+        for r in &self.traces {
+            assert!(seen.insert((r.known_id, r.kind, r.token, r.layer)), "duplicate row {r:?}");
+        }
+        let facts: HashSet<u64> = self.facts.iter().map(|f| f.known_id).collect();
+        assert_eq!(facts.len(), self.facts.len(), "a fact has two facts rows");
+        let expected: usize = self
+            .facts
+            .iter()
+            .filter(|f| f.traced)
+            .map(|f| f.n_tokens * n_layers as usize * kinds)
+            .sum();
+        assert_eq!(self.traces.len(), expected, "Σ T × L × kinds over traced facts");
+        expected
+    }
+
+    /// The scores of one fact, per kind name, as T rows of L.
+    pub fn table(
+        &self,
+        known_id: u64,
+        n_tokens: usize,
+        n_layers: usize,
+    ) -> BTreeMap<String, Vec<Vec<f32>>> {
+        let mut out: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
+        for r in self.traces.iter().filter(|r| r.known_id == known_id) {
+            let table = out
+                .entry(r.kind.name().to_string())
+                .or_insert_with(|| vec![vec![f32::NAN; n_layers]; n_tokens]);
+            table[r.token as usize][r.layer as usize] = r.score;
+        }
+        out
+    }
+}
+
+/// The manifest of a sweep folder.
+pub fn manifest(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
+    serde_json::from_str(&text).expect("manifest is JSON")
+}
+
+/// Args as owned strings.
+pub fn args(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}

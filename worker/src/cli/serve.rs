@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Fast path memory bound: (row × token) states per batched forward.
     #[arg(long, default_value_t = 8192)]
     pub max_batch_tokens: usize,
+    /// Fault-injection tests: hold every job this long before computing it, so that a test
+    /// can kill a worker or the coordinator while jobs are in flight.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub job_delay_ms: u64,
 }
 
 /// Runs `worker serve`.
@@ -92,6 +96,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             grace: Duration::from_secs_f64(args.grace_secs.max(0.0)),
             give_up: Duration::from_secs_f64(args.give_up_secs.max(0.0)),
             max_batch_tokens: args.max_batch_tokens,
+            job_delay: Duration::from_millis(args.job_delay_ms),
         };
         serve(Arc::new(loaded), opts).await
     })

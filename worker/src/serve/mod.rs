@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub give_up: Duration,
     /// Fast path memory bound.
     pub max_batch_tokens: usize,
+    /// Held before each job (fault-injection tests only).
+    pub job_delay: Duration,
 }
 
 /// A registered session with the coordinator.
