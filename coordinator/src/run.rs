@@ -249,7 +249,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(local) = local {
         local.stop(Duration::from_secs(10)).await;
     }
-    let _ = grpc.await;
+    // Graceful shutdown waits for clients to hang up; a stuck one must not hold us here.
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
     flushed?;
     let finished = outcome?;
     let m = info.manifest(&shared, state);

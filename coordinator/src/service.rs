@@ -189,8 +189,8 @@ impl Shared {
         let state =
             if sched.finished() && (self.sweep.facts.is_empty() || self.n_layers.get().is_some()) {
                 "finished"
-            } else if self.n_layers.get().is_none() && !self.sweep.facts.is_empty() {
-                if sched.calibrating() { "calibrating" } else { "waiting for workers" }
+            } else if c.workers == 0 {
+                "waiting for workers"
             } else if sched.calibrating() {
                 "calibrating"
             } else {

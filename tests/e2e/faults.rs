@@ -118,3 +118,140 @@ fn a_coordinator_killed_mid_sweep_resumes_without_duplicates() {
     tables.assert_exactly_once(3, 3);
     assert_eq!(m["rows"]["facts"], 30, "the journal's counts match the tables");
 }
+
+fn sigterm(proc: &Proc) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &proc.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+fn worker_with_grace(port: u16, dir: &Path, tag: &str, delay_ms: u64, grace: &str) -> Proc {
+    let a = args(&[
+        "serve",
+        "--coordinator",
+        &format!("http://127.0.0.1:{port}"),
+        "--model",
+        fixture("tiny/llama").to_str().expect("utf8"),
+        "--threads",
+        "1",
+        "--job-delay-ms",
+        &delay_ms.to_string(),
+        "--grace-secs",
+        grace,
+        "--name",
+        tag,
+    ]);
+    Proc::start(&bin("worker"), &a, dir, tag)
+}
+
+#[test]
+fn sigterm_finishes_or_releases_the_job_in_hand() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    let port = free_port();
+    let mut coordinator =
+        Proc::start(&bin("coordinator"), &coordinator_args(&out, port), tmp.path(), "coordinator");
+    let leased = |n: u64| move || status(port).is_some_and(|s| s["jobs_leased"] == n);
+
+    // A job that fits in the grace period is finished and handed in.
+    let mut a = worker_with_grace(port, tmp.path(), "a", 1500, "10");
+    wait_until(Duration::from_secs(60), "a's job in flight", leased(1));
+    let done_before = status(port).map_or(0, |s| s["jobs_done"].as_u64().unwrap_or(0));
+    sigterm(&a);
+    assert!(a.wait(Duration::from_secs(20)).success(), "worker a: {}", a.stderr());
+    let done_after = status(port).map_or(0, |s| s["jobs_done"].as_u64().unwrap_or(0));
+    assert_eq!(done_after, done_before + 1, "a handed in its job before leaving");
+
+    // One that does not is released at once, without counting as a failure.
+    let mut b = worker_with_grace(port, tmp.path(), "b", 60_000, "0.2");
+    wait_until(Duration::from_secs(60), "b's job in flight", leased(1));
+    let stopped = std::time::Instant::now();
+    sigterm(&b);
+    assert!(b.wait(Duration::from_secs(20)).success(), "worker b: {}", b.stderr());
+    assert!(stopped.elapsed() < Duration::from_secs(5), "b left without waiting for its job");
+    wait_until(Duration::from_secs(10), "b's job back in the queue", leased(0));
+
+    let mut c = worker(port, tmp.path(), "c", 0);
+    assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.stderr());
+    assert!(c.wait(Duration::from_secs(30)).success(), "worker c: {}", c.stderr());
+    let dir = sweep_dir(&out);
+    let m = manifest(&dir);
+    assert_eq!(m["jobs"]["retries"], 0, "a release is not a failed try: {m}");
+    let tables = read_tables(&dir);
+    assert_eq!(tables.facts.len(), 30);
+    tables.assert_exactly_once(3, 3);
+}
+
+#[test]
+fn health_metrics_and_status_answer_while_waiting_for_workers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut run = coordinator_args(&out, port);
+    run.extend(args(&["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]));
+    let coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
+    wait_until(Duration::from_secs(30), "the coordinator answers", || status(port).is_some());
+    let s = status(port).expect("status");
+    assert_eq!(s["state"], "waiting for workers", "{s}");
+    assert_eq!(s["facts_total"], 30);
+
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let serving = runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let request =
+            tonic_health::pb::HealthCheckRequest { service: "causal_trace.v1.Coordinator".into() };
+        health.check(request).await.expect("health check").into_inner().status
+    });
+    drop(runtime); // closes the channel: a graceful server shutdown waits for open ones
+    assert_eq!(serving, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("connect");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read");
+        text
+    };
+    wait_until(Duration::from_secs(10), "metrics", || {
+        get("/metrics").contains("causal_trace_jobs_queued")
+    });
+    let metrics = get("/metrics");
+    for name in [
+        "causal_trace_jobs_leased",
+        "causal_trace_jobs_done",
+        "causal_trace_workers",
+        "causal_trace_rows_written_total",
+        "causal_trace_job_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    assert!(get("/healthz").contains("ok"));
+
+    let human = std::process::Command::new(bin("coordinator"))
+        .args(["status", "--coordinator", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .expect("status runs");
+    assert!(String::from_utf8_lossy(&human.stdout).contains("waiting for workers"));
+    // SIGTERM: commits what it has and says how to resume.
+    sigterm(&coordinator);
+    let mut coordinator = coordinator;
+    let exit = coordinator.wait(Duration::from_secs(20));
+    assert!(!exit.success());
+    assert!(
+        coordinator.stderr().contains("run the same command again"),
+        "{}",
+        coordinator.stderr()
+    );
+    assert_eq!(manifest(&sweep_dir(&out))["state"], "running");
+}

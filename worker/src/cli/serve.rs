@@ -59,7 +59,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let cache = args.cache.clone().unwrap_or_else(default_cache);
         let path = local_model(&args.model, &cache).await?;
         let at = Location::open(&path.display().to_string(), false)?;
@@ -99,7 +99,10 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             job_delay: Duration::from_millis(args.job_delay_ms),
         };
         serve(Arc::new(loaded), opts).await
-    })
+    });
+    // A released job may still be computing on a blocking thread: do not wait for it.
+    runtime.shutdown_background();
+    result
 }
 
 /// `$XDG_CACHE_HOME/causal-trace/models` or `~/.cache/causal-trace/models`.
