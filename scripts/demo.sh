@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
 # The main job, as far as the project goes today: fetch SmolLM2-135M-Instruct, build the
-# worker, show its predictions for a few facts of ROME's knowns dataset, and causal-trace one
-# of them with ROME's settings into heatmaps. (The distributed sweep, Parquet tables and the
-# averaged Figure 2 come with the pipeline issues.)
+# worker and the coordinator, show the model's predictions for a few facts, run a sweep over
+# the first facts of ROME's knowns dataset with two local workers (ROME's settings; Parquet
+# tables under demo-output/sweeps/), and plot the causal trace of one fact. (Figure 2,
+# averaged over the sweep, comes with the aggregation issue.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/causal-trace/target}"
 knowns="${CT_KNOWNS:-../shared/data/known_1000.json}"
 out="${1:-demo-output}"
+facts="${CT_DEMO_FACTS:-24}"
 model=$(scripts/fetch-model.sh)
-cargo build --release --locked -p worker
+cargo build --release --locked -p worker -p coordinator
 worker="$CARGO_TARGET_DIR/release/worker"
+coordinator="$CARGO_TARGET_DIR/release/coordinator"
 
 for prompt in \
   "Joseph Goebbels worked in the city of" \
   "Vinson Massif is located in the continent of" \
-  "The Space Needle is located in the city of" \
   "Apple A5 was created by"; do
   echo "== $prompt"
   "$worker" predict --model "$model" --prompt "$prompt" --top-k 3
 done
 
 echo
-echo "== causal trace (10 samples, s3 noise, window 10; about a minute on 2 cores)"
-"$worker" trace --model "$model" --prompt "Joseph Goebbels worked in the city of" \
-  --subject "Joseph Goebbels" --expect Berlin --noise-subjects "$knowns" --plot "$out"
+echo "== sweep: the first $facts facts, 2 local workers, 10 samples, s3 noise, window 10"
+echo "   (facts the model does not predict are recorded, not traced; a few minutes on 2 cores)"
+"$coordinator" run --knowns "$knowns" --model "$model" --out "$out/sweeps" \
+  --local-workers 2 --limit "$facts"
+
 echo
+echo "== causal trace of one fact, with heatmaps"
+"$worker" trace --model "$model" --prompt "Joseph Goebbels worked in the city of" \
+  --subject "Joseph Goebbels" --expect Berlin --noise-subjects "$knowns" --plot "$out" > /dev/null
 echo "heatmaps: $out/trace_{hidden,mlp,attn}.{png,svg}"
+echo "tables:   $out/sweeps/*/{facts,traces/kind=*,errors}/*.parquet, manifest.json"
 echo "model:    $model"
-echo "try:      $worker trace --model $model --prompt 'Beats Music is owned by' --subject 'Beats Music' --noise 0.35 --json"

@@ -9,7 +9,9 @@ use e2e::{
     wait_until,
 };
 
-fn coordinator_args(out: &Path, port: u16) -> Vec<String> {
+/// `lease` is short where a test waits for a dead worker's lease to expire, and long where a
+/// spurious expiry (heartbeats delayed on a loaded machine) would break what it checks.
+fn coordinator_args(out: &Path, port: u16, lease: &str) -> Vec<String> {
     args(&[
         "run",
         "--knowns",
@@ -60,8 +62,12 @@ fn a_worker_killed_mid_job_costs_a_retry_not_a_row() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
     let port = free_port();
-    let mut coordinator =
-        Proc::start(&bin("coordinator"), &coordinator_args(&out, port), tmp.path(), "coordinator");
+    let mut coordinator = Proc::start(
+        &bin("coordinator"),
+        &coordinator_args(&out, port, "1.5"),
+        tmp.path(),
+        "coordinator",
+    );
     let mut a = worker(port, tmp.path(), "a", 400);
     let mut b = worker(port, tmp.path(), "b", 400);
     // Both workers hold a job (each takes ≥ 400 ms): kill one of them now.
@@ -88,7 +94,7 @@ fn a_coordinator_killed_mid_sweep_resumes_without_duplicates() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
     let port = free_port();
-    let run = coordinator_args(&out, port);
+    let run = coordinator_args(&out, port, "1.5");
     let mut first = Proc::start(&bin("coordinator"), &run, tmp.path(), "first");
     let mut a = worker(port, tmp.path(), "a", 150);
     let mut b = worker(port, tmp.path(), "b", 150);
@@ -151,8 +157,12 @@ fn sigterm_finishes_or_releases_the_job_in_hand() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
     let port = free_port();
-    let mut coordinator =
-        Proc::start(&bin("coordinator"), &coordinator_args(&out, port), tmp.path(), "coordinator");
+    let mut coordinator = Proc::start(
+        &bin("coordinator"),
+        &coordinator_args(&out, port, "10"),
+        tmp.path(),
+        "coordinator",
+    );
     let leased = |n: u64| move || status(port).is_some_and(|s| s["jobs_leased"] == n);
 
     // A job that fits in the grace period is finished and handed in.
@@ -189,7 +199,7 @@ fn health_metrics_and_status_answer_while_waiting_for_workers() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
     let (port, metrics_port) = (free_port(), free_port());
-    let mut run = coordinator_args(&out, port);
+    let mut run = coordinator_args(&out, port, "10");
     run.extend(args(&["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]));
     let coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
     wait_until(Duration::from_secs(30), "the coordinator answers", || status(port).is_some());
