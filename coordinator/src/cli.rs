@@ -60,7 +60,7 @@ pub struct RunArgs {
     /// The sweep's id (default: a digest of its settings, so the same command resumes it).
     #[arg(long)]
     pub sweep_id: Option<String>,
-    /// Trace only the first N records of the dataset.
+    /// Trace only the first N valid facts of the dataset.
     #[arg(long)]
     pub limit: Option<u64>,
     /// Which states to restore.

@@ -100,3 +100,88 @@ pub fn job_rows(
     });
     Ok(JobRows { fact: fact_row, traces })
 }
+
+#[cfg(test)]
+mod tests {
+    use common::settings::{Correctness, NoiseSpec, SeedMode};
+
+    use super::*;
+
+    fn settings() -> SweepSettings {
+        SweepSettings {
+            dataset_digest: "d".into(),
+            model_fingerprint: "m".into(),
+            kinds: vec![Kind::Hidden, Kind::Mlp],
+            samples: 2,
+            window: 3,
+            noise: NoiseSpec::Level(0.1),
+            replace: false,
+            seed_mode: SeedMode::Rome,
+            seed: 0,
+            correctness: Correctness::None,
+            layers_per_job: Some(2),
+            limit: None,
+            dtype: "f32".into(),
+        }
+    }
+
+    fn fact() -> KnownFact {
+        KnownFact {
+            known_id: 5,
+            subject: "A".into(),
+            attribute: "B".into(),
+            prompt: "A is".into(),
+            template: None,
+            prediction: None,
+            relation_id: Some("P1".into()),
+        }
+    }
+
+    fn result(width: usize) -> proto::TraceResult {
+        let table = |kind: &str| proto::KindScores {
+            kind: kind.into(),
+            scores: (0..3 * width).map(|i| i as f32 / 10.0).collect(),
+        };
+        proto::TraceResult {
+            tokens: vec!["A".into(), " is".into(), " it".into()],
+            token_ids: vec![1, 2, 3],
+            subject_start: 0,
+            subject_end: 1,
+            traced: true,
+            scores: vec![table("hidden"), table("mlp")],
+            ..proto::TraceResult::default()
+        }
+    }
+
+    #[test]
+    fn rows_cover_the_jobs_layers_and_only_layer_zero_writes_the_fact() {
+        let rows = job_rows(&fact(), &(2..4), &settings(), "m", &result(2)).expect("valid");
+        assert!(rows.fact.is_none());
+        assert_eq!(rows.traces.len(), 3 * 2 * 2);
+        let r = rows.traces[3];
+        assert_eq!((r.kind, r.token, r.layer, r.score), (Kind::Hidden, 1, 3, 0.3));
+        assert_eq!(r.category, TokenCategory::FirstSubsequent);
+        let first = job_rows(&fact(), &(0..2), &settings(), "m", &result(2)).expect("valid");
+        assert_eq!(first.fact.expect("fact row").relation_id.as_deref(), Some("P1"));
+    }
+
+    #[test]
+    fn results_that_do_not_fit_their_job_are_refused() {
+        let s = settings();
+        assert!(job_rows(&fact(), &(0..3), &s, "m", &result(2)).is_err(), "wrong width");
+        let mut r = result(2);
+        r.scores.pop();
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "missing kind");
+        let mut r = result(2);
+        r.scores[0].scores[1] = f32::NAN;
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).expect_err("NaN").contains("NaN"));
+        let mut r = result(2);
+        r.subject_end = 4;
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "subject outside");
+        let mut r = result(2);
+        r.traced = false;
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "scores without a trace");
+        r.scores.clear();
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).expect("untraced").traces.is_empty());
+    }
+}

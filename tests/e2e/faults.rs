@@ -31,7 +31,7 @@ fn coordinator_args(out: &Path, port: u16, lease: &str) -> Vec<String> {
         "--window",
         "3",
         "--lease-secs",
-        "1.5",
+        lease,
         "--flush-secs",
         "0.3",
         "--linger-secs",
@@ -247,6 +247,21 @@ fn health_metrics_and_status_answer_while_waiting_for_workers() {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
     assert!(get("/healthz").contains("ok"));
+
+    // A worker with another model is refused and says why.
+    let a = args(&[
+        "serve",
+        "--coordinator",
+        &format!("http://127.0.0.1:{port}"),
+        "--model",
+        fixture("tiny/qwen2").to_str().expect("utf8"),
+        "--give-up-secs",
+        "5",
+    ]);
+    let mut stranger = Proc::start(&bin("worker"), &a, tmp.path(), "stranger");
+    assert!(!stranger.wait(Duration::from_secs(30)).success());
+    assert!(stranger.stderr().contains("is not the sweep's"), "{}", stranger.stderr());
+    assert_eq!(status(port).expect("status")["workers"], 0);
 
     let human = std::process::Command::new(bin("coordinator"))
         .args(["status", "--coordinator", &format!("http://127.0.0.1:{port}")])
