@@ -2,8 +2,8 @@
 # The main job, as far as the project goes today: fetch SmolLM2-135M-Instruct, build the
 # worker and the coordinator, show the model's predictions for a few facts, run a sweep over
 # the first facts of ROME's knowns dataset with two local workers (ROME's settings; Parquet
-# tables under demo-output/sweeps/), and plot the causal trace of one fact. (Figure 2,
-# averaged over the sweep, comes with the aggregation issue.)
+# tables under demo-output/sweeps/), average it into Figure 2 (demo-output/figure2/), and
+# plot the causal trace of one fact.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,13 +27,20 @@ done
 echo
 echo "== sweep: the first $facts facts, 2 local workers, 10 samples, s3 noise, window 10"
 echo "   (facts the model does not predict are recorded, not traced; a few minutes on 2 cores)"
+sweep="demo-$facts"
 "$coordinator" run --knowns "$knowns" --model "$model" --out "$out/sweeps" \
-  --local-workers 2 --limit "$facts"
+  --local-workers 2 --limit "$facts" --sweep-id "$sweep"
+
+echo
+echo "== Figure 2 over the sweep's correctly predicted facts (few facts: expect wide bands)"
+"$coordinator" aggregate --results "$out/sweeps/$sweep" --out "$out/figure2"
 
 echo
 echo "== causal trace of one fact, with heatmaps"
 "$worker" trace --model "$model" --prompt "Joseph Goebbels worked in the city of" \
   --subject "Joseph Goebbels" --expect Berlin --noise-subjects "$knowns" --plot "$out" > /dev/null
 echo "heatmaps: $out/trace_{hidden,mlp,attn}.{png,svg}"
-echo "tables:   $out/sweeps/*/{facts,traces/kind=*,errors}/*.parquet, manifest.json"
+echo "tables:   $out/sweeps/$sweep/{facts,traces/kind=*,errors}/*.parquet, manifest.json"
+echo "figure 2: $out/figure2/rollup_{hidden,mlp,attn}.{png,svg}, lines.{png,svg}, summary.parquet"
+echo "duckdb:   duckdb -cmd \"SET VARIABLE results = '$out/sweeps/$sweep'\" -c \".read queries/ate.sql\""
 echo "model:    $model"

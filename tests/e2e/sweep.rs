@@ -248,4 +248,78 @@ fn a_short_sweep_on_smollm2_matches_worker_trace() {
     assert_eq!(trace["correct"], true);
     assert_same_scores(&tables.table(78, goebbels.n_tokens, 30), &trace, 78);
     assert_eq!(manifest(&dir)["n_layers"], 30);
+    aggregate_equals_duckdb(&dir, tmp.path());
+}
+
+/// `coordinator aggregate` and queries/*.sql in DuckDB give the same Figure 2. Both average
+/// the same f32 scores in f64, in different orders: 1e-9 would do; 1e-6 is the bound asked.
+fn aggregate_equals_duckdb(dir: &Path, tmp: &Path) {
+    let summary = tmp.join("summary");
+    let output = std::process::Command::new(bin("coordinator"))
+        .args(["aggregate", "--results"])
+        .arg(dir)
+        .arg("--out")
+        .arg(&summary)
+        .output()
+        .expect("aggregate runs");
+    assert!(output.status.success(), "aggregate: {}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("best AIE at the last subject token"), "{printed}");
+    for file in
+        ["summary.parquet", "rollup_hidden.png", "rollup_mlp.svg", "lines.png", "headline.json"]
+    {
+        assert!(summary.join(file).is_file(), "{file} missing");
+    }
+    let csv = std::fs::read_to_string(summary.join("summary.csv")).expect("summary.csv");
+    let rust: BTreeMap<(String, String, u64), (f64, f64, u64)> = csv
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            let num = |i: usize| f[i].parse::<f64>().expect("number");
+            ((f[0].into(), f[1].into(), num(2) as u64), (num(3), num(5), num(6) as u64))
+        })
+        .collect();
+    let pythonpath = std::env::var("CT_DUCKDB_PYTHONPATH")
+        .expect("CT_DUCKDB_PYTHONPATH: run scripts/test.sh (it fetches DuckDB with scripts/fetch-duckdb.sh)");
+    let output =
+        std::process::Command::new(std::env::var("CT_PYTHON").unwrap_or_else(|_| "python3".into()))
+            .arg(e2e::repo_root().join("tools/duckdb_queries.py"))
+            .arg(dir)
+            .args(["rollup", "ate"])
+            .env("PYTHONPATH", pythonpath)
+            .output()
+            .expect("python runs");
+    assert!(output.status.success(), "duckdb: {}", String::from_utf8_lossy(&output.stderr));
+    let duck: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let rows = duck["rollup"].as_array().expect("rollup rows");
+    assert_eq!(rows.len(), rust.values().filter(|v| v.2 > 0).count(), "one row per non-empty cell");
+    for row in rows {
+        let key = (
+            row["kind"].as_str().expect("kind").to_string(),
+            row["category"].as_str().expect("category").to_string(),
+            row["layer"].as_u64().expect("layer"),
+        );
+        let (aie, std, n) = rust[&key];
+        assert_eq!(row["n"].as_u64(), Some(n), "{key:?}");
+        assert!((row["aie"].as_f64().expect("aie") - aie).abs() <= 1e-6, "{key:?}: {row} vs {aie}");
+        assert!((row["std"].as_f64().expect("std") - std).abs() <= 1e-6, "{key:?}: {row} vs {std}");
+    }
+    let headline: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(summary.join("headline.json")).expect("headline"),
+    )
+    .expect("json");
+    for row in duck["ate"].as_array().expect("ate rows") {
+        let h = &headline[row["kind"].as_str().expect("kind")];
+        for (duck_key, rust_key) in [
+            ("ate", "ate"),
+            ("best_aie_last_subject", "best_aie_last_subject"),
+            ("best_aie_last_token", "best_aie_last_token"),
+        ] {
+            let (a, b) = (row[duck_key].as_f64().expect("f64"), h[rust_key].as_f64().expect("f64"));
+            assert!((a - b).abs() <= 1e-6, "{duck_key}: duckdb {a} vs rust {b}");
+        }
+        assert_eq!(row["best_layer_last_subject"], h["best_layer_last_subject"]);
+        assert_eq!(row["best_layer_last_token"], h["best_layer_last_token"]);
+    }
 }

@@ -1,0 +1,230 @@
+//! ROME's averaged causal effects (notebook `average_causal_effects`, DESIGN.md §1): over the
+//! correctly predicted facts, the mean score of each token category at each layer, minus the
+//! mean `low_score`. Pure arithmetic over tables already in memory, so that hand-computed
+//! cases test it directly.
+//!
+//! The notebook's conventions, kept exactly: with subject tokens `[b, e)` and T tokens, the
+//! rows are first subject `b`, middle subject `b+1 .. e-1` (exclusive: none for one- or
+//! two-token subjects), last subject `e-1`, first subsequent `e`, further `e+1 .. T-1`
+//! (exclusive), last `T-1`. Categories overlap: a one-token subject's token counts as both
+//! first and last subject, and when `e = T-1` the last token is also the first subsequent
+//! one. A subject that ends the prompt (`e = T`) has no first subsequent token (the notebook
+//! would index past the end; here that fact simply adds no row there). Each cell's mean and
+//! standard deviation (numpy's, ddof 0) run over rows, so middle and further tokens weigh by
+//! their number; `n` counts those rows.
+
+/// The six rows of Figure 2, top to bottom.
+pub const CATEGORIES: [&str; 6] =
+    ["first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last"];
+
+/// The labels the paper prints beside those rows.
+pub const CATEGORY_LABELS: [&str; 6] = [
+    "First subject token",
+    "Middle subject tokens",
+    "Last subject token",
+    "First subsequent token",
+    "Further tokens",
+    "Last token",
+];
+
+/// One fact's trace table for one kind.
+#[derive(Debug, Clone)]
+pub struct FactTable<'a> {
+    /// Subject tokens `[b, e)`.
+    pub subject: (usize, usize),
+    /// p(answer), clean.
+    pub high_score: f64,
+    /// Mean p(answer), corrupted.
+    pub low_score: f64,
+    /// `scores[t][l]`, T rows of L.
+    pub scores: &'a [Vec<f64>],
+}
+
+/// The token rows of each category, as `CATEGORIES` orders them.
+pub fn category_rows(subject: (usize, usize), t_len: usize) -> [Vec<usize>; 6] {
+    let (b, e) = subject;
+    let last_e = e.saturating_sub(1);
+    let last = t_len.saturating_sub(1);
+    [
+        vec![b],
+        (b + 1..last_e).collect(),
+        vec![last_e],
+        if e < t_len { vec![e] } else { Vec::new() },
+        (e + 1..last).collect(),
+        vec![last],
+    ]
+}
+
+/// One cell of Figure 2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    /// Index into [`CATEGORIES`].
+    pub category: usize,
+    /// The layer.
+    pub layer: usize,
+    /// Mean score of the category's rows at this layer.
+    pub mean: f64,
+    /// `mean` minus the mean low_score: the average indirect effect.
+    pub aie: f64,
+    /// Standard deviation of those scores (ddof 0, as numpy's `std`).
+    pub std: f64,
+    /// Rows averaged.
+    pub n: usize,
+}
+
+/// The headline figures of one kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Headline {
+    /// Facts averaged.
+    pub facts: usize,
+    /// Mean high_score.
+    pub high_score: f64,
+    /// Mean low_score.
+    pub low_score: f64,
+    /// Average total effect: mean high − mean low.
+    pub ate: f64,
+    /// Best AIE at the last subject token, and its layer.
+    pub best_last_subject: (f64, usize),
+    /// Best AIE at the last token, and its layer.
+    pub best_last_token: (f64, usize),
+}
+
+/// Figure 2 for one kind: the cells (category-major, then layer) and the headline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollup {
+    /// Layers L.
+    pub n_layers: usize,
+    /// 6 × L cells.
+    pub cells: Vec<Cell>,
+    /// The headline figures.
+    pub headline: Headline,
+}
+
+impl Rollup {
+    /// The cell of `category` at `layer`.
+    pub fn cell(&self, category: usize, layer: usize) -> &Cell {
+        &self.cells[category * self.n_layers + layer]
+    }
+}
+
+/// Averages `facts` (each T × L with the same L). `None` when there is no fact.
+pub fn rollup(facts: &[FactTable<'_>], n_layers: usize) -> Option<Rollup> {
+    if facts.is_empty() || n_layers == 0 {
+        return None;
+    }
+    // Per category and layer: count, sum, sum of squares (f64; the notebook's numpy
+    // arrays are float32 promoted by mean/std to float32 too, but f64 is the exact value).
+    let mut sums = vec![(0usize, vec![0f64; n_layers], vec![0f64; n_layers]); CATEGORIES.len()];
+    for fact in facts {
+        let rows = category_rows(fact.subject, fact.scores.len());
+        for (c, tokens) in rows.iter().enumerate() {
+            for &t in tokens {
+                let Some(row) = fact.scores.get(t) else { continue };
+                let (count, sum, squares) = &mut sums[c];
+                *count += 1;
+                for (l, &v) in row.iter().take(n_layers).enumerate() {
+                    sum[l] += v;
+                    squares[l] += v * v;
+                }
+            }
+        }
+    }
+    let n_facts = facts.len() as f64;
+    let low = facts.iter().map(|f| f.low_score).sum::<f64>() / n_facts;
+    let high = facts.iter().map(|f| f.high_score).sum::<f64>() / n_facts;
+    let mut cells = Vec::with_capacity(CATEGORIES.len() * n_layers);
+    for (c, (count, sum, squares)) in sums.iter().enumerate() {
+        for l in 0..n_layers {
+            let (mean, std) = if *count == 0 {
+                (f64::NAN, f64::NAN)
+            } else {
+                let n = *count as f64;
+                let mean = sum[l] / n;
+                (mean, (squares[l] / n - mean * mean).max(0.0).sqrt())
+            };
+            cells.push(Cell { category: c, layer: l, mean, aie: mean - low, std, n: *count });
+        }
+    }
+    let best = |c: usize| {
+        cells[c * n_layers..(c + 1) * n_layers]
+            .iter()
+            .filter(|cell| cell.aie.is_finite())
+            .max_by(|a, b| a.aie.total_cmp(&b.aie))
+            .map_or((f64::NAN, 0), |cell| (cell.aie, cell.layer))
+    };
+    let headline = Headline {
+        facts: facts.len(),
+        high_score: high,
+        low_score: low,
+        ate: high - low,
+        best_last_subject: best(2),
+        best_last_token: best(5),
+    };
+    Some(Rollup { n_layers, cells, headline })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(rows: &[[f64; 2]]) -> Vec<Vec<f64>> {
+        rows.iter().map(|r| r.to_vec()).collect()
+    }
+
+    #[test]
+    fn rows_follow_the_notebook_including_its_edge_cases() {
+        // T = 7, subject [1, 4): first 1, middle 2, last 3, first after 4, further 5, last 6.
+        assert_eq!(
+            category_rows((1, 4), 7),
+            [vec![1], vec![2], vec![3], vec![4], vec![5], vec![6]]
+        );
+        // One-token subject: no middle; it is both first and last subject.
+        assert_eq!(category_rows((0, 1), 4), [vec![0], vec![], vec![0], vec![1], vec![2], vec![3]]);
+        // First subsequent token is the last token: no further tokens.
+        assert_eq!(category_rows((0, 2), 3), [vec![0], vec![], vec![1], vec![2], vec![], vec![2]]);
+        // The subject ends the prompt: no first subsequent, no further.
+        assert_eq!(category_rows((1, 3), 3), [vec![1], vec![], vec![2], vec![], vec![], vec![2]]);
+    }
+
+    #[test]
+    fn hand_computed_averages() {
+        // Fact A: T = 4, subject [0, 1), L = 2, low 0.1, high 0.9.
+        let a = table(&[[0.5, 0.3], [0.2, 0.2], [0.1, 0.4], [0.6, 0.8]]);
+        // Fact B: T = 5, subject [1, 4), low 0.3, high 0.5.
+        let b = table(&[[0.0, 0.0], [0.4, 0.2], [0.6, 0.6], [0.8, 0.2], [0.2, 0.4]]);
+        let facts = [
+            FactTable { subject: (0, 1), high_score: 0.9, low_score: 0.1, scores: &a },
+            FactTable { subject: (1, 4), high_score: 0.5, low_score: 0.3, scores: &b },
+        ];
+        let r = rollup(&facts, 2).expect("rollup");
+        let low = 0.2;
+        let close = |x: f64, y: f64| assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+        // First subject: A token 0 (0.5, 0.3), B token 1 (0.4, 0.2).
+        close(r.cell(0, 0).mean, 0.45);
+        close(r.cell(0, 0).aie, 0.45 - low);
+        close(r.cell(0, 0).std, 0.05);
+        assert_eq!(r.cell(0, 0).n, 2);
+        // Middle subject: only B token 2 (0.6, 0.6); A has none.
+        close(r.cell(1, 1).mean, 0.6);
+        assert_eq!(r.cell(1, 1).n, 1);
+        close(r.cell(1, 1).std, 0.0);
+        // Last subject: A token 0 (0.5, 0.3), B token 3 (0.8, 0.2).
+        close(r.cell(2, 0).mean, 0.65);
+        close(r.cell(2, 1).mean, 0.25);
+        // First subsequent: A token 1 (0.2, 0.2); B token 4 = its last token (0.2, 0.4).
+        close(r.cell(3, 1).mean, 0.3);
+        // Further: A token 2 (0.1, 0.4); B none.
+        close(r.cell(4, 0).mean, 0.1);
+        assert_eq!(r.cell(4, 0).n, 1);
+        // Last: A token 3 (0.6, 0.8), B token 4 (0.2, 0.4).
+        close(r.cell(5, 1).mean, 0.6);
+        close(r.cell(5, 1).std, 0.2);
+        let h = &r.headline;
+        close(h.ate, 0.7 - 0.2);
+        close(h.best_last_subject.0, 0.65 - low);
+        assert_eq!(h.best_last_subject.1, 0);
+        close(h.best_last_token.0, 0.6 - low);
+        assert_eq!(h.best_last_token.1, 1);
+        assert!(rollup(&[], 2).is_none());
+    }
+}

@@ -1,0 +1,15 @@
+-- Average total effect per kind: mean high_score − mean low_score over the averaged facts,
+-- and the best AIE at the last subject token and at the last token, with their layers.
+.read queries/facts.sql
+WITH low AS (SELECT kind, count(*) AS facts, avg(high_score) AS high, avg(low_score) AS low
+             FROM averaged GROUP BY kind),
+cells AS (SELECT kind, category, layer, avg(score) AS mean FROM categorized
+          WHERE category IN ('last_subject', 'last') GROUP BY ALL)
+SELECT l.kind, l.facts, l.high AS high_score, l.low AS low_score, l.high - l.low AS ate,
+       max(c.mean - l.low) FILTER (WHERE c.category = 'last_subject') AS best_aie_last_subject,
+       arg_max(c.layer, c.mean) FILTER (WHERE c.category = 'last_subject') AS best_layer_last_subject,
+       max(c.mean - l.low) FILTER (WHERE c.category = 'last') AS best_aie_last_token,
+       arg_max(c.layer, c.mean) FILTER (WHERE c.category = 'last') AS best_layer_last_token
+FROM low l JOIN cells c USING (kind)
+GROUP BY l.kind, l.facts, l.high, l.low
+ORDER BY l.kind;

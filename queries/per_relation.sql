@@ -1,0 +1,16 @@
+-- Per Wikidata relation: how many facts, and the best AIE of the last subject token and of
+-- the last token per kind, to see which relations the early and late sites carry.
+.read queries/facts.sql
+WITH cells AS (
+  SELECT c.kind, c.relation_id, c.category, c.layer, avg(c.score) - avg(a.low_score) AS aie,
+         count(DISTINCT c.known_id) AS facts
+  FROM categorized c JOIN averaged a USING (kind, known_id)
+  WHERE c.category IN ('last_subject', 'last')
+  GROUP BY ALL)
+SELECT kind, relation_id, max(facts) AS facts,
+       max(aie) FILTER (WHERE category = 'last_subject') AS best_aie_last_subject,
+       arg_max(layer, aie) FILTER (WHERE category = 'last_subject') AS layer_last_subject,
+       max(aie) FILTER (WHERE category = 'last') AS best_aie_last_token,
+       arg_max(layer, aie) FILTER (WHERE category = 'last') AS layer_last_token
+FROM cells GROUP BY kind, relation_id
+ORDER BY kind, facts DESC, relation_id;
