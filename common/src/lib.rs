@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod dataset_formats;
 pub mod error;
 pub mod fingerprint;
+pub mod flags;
 pub mod lineplot;
 pub mod plot;
 pub mod rollup;

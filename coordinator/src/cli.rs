@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use common::settings::{Correctness, Kind, NoiseSpec, SeedMode};
+use common::flags::TraceFlags;
 
 /// The causal-tracing sweep coordinator.
 #[derive(Debug, Parser)]
@@ -65,31 +65,9 @@ pub struct RunArgs {
     /// Trace only the first N valid facts of the dataset.
     #[arg(long)]
     pub limit: Option<u64>,
-    /// Which states to restore.
-    #[arg(long, value_delimiter = ',', default_value = "hidden,mlp,attn")]
-    pub kinds: Vec<Kind>,
-    /// Noise samples per restored state.
-    #[arg(long, default_value_t = 10)]
-    pub samples: u32,
-    /// Layers restored together for mlp and attn.
-    #[arg(long, default_value_t = 10)]
-    pub window: u32,
-    /// A level (e.g. 0.1), sK (K × the std of the dataset's subject embeddings, measured by a
-    /// calibration job first) or uK (uniform noise × K).
-    #[arg(long, default_value = "s3")]
-    pub noise: NoiseSpec,
-    /// Replace the subject's embeddings with the noise instead of adding it.
-    #[arg(long)]
-    pub replace: bool,
-    /// rome: numpy RandomState(1) for every fact, as ROME; per-fact: seeded by --seed and the id.
-    #[arg(long, default_value = "rome")]
-    pub seed_mode: SeedMode,
-    /// The sweep seed for --seed-mode per-fact.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Which facts are traced: first-token, strict (ROME) or none (all).
-    #[arg(long, default_value = "first-token")]
-    pub correctness: Correctness,
+    /// The trace settings.
+    #[command(flatten)]
+    pub trace: TraceFlags,
     /// Layers per job (default: all layers of a fact in one job).
     #[arg(long)]
     pub layers_per_job: Option<u32>,

@@ -26,15 +26,7 @@ use crate::writer::Writer;
 const DATASET_JOB: &str = "dataset";
 
 fn check_args(args: &RunArgs) -> anyhow::Result<()> {
-    if args.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
-    if args.window == 0 {
-        bail!("--window must be at least 1");
-    }
-    if args.kinds.is_empty() {
-        bail!("--kinds needs at least one of hidden, mlp, attn");
-    }
+    args.trace.check().map_err(anyhow::Error::msg)?;
     if !["f32", "f16", "bf16"].contains(&args.dtype.as_str()) {
         bail!("--dtype {}: expected f32, f16 or bf16", args.dtype);
     }
@@ -79,14 +71,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = SweepSettings {
         dataset_digest,
         model_fingerprint,
-        kinds: args.kinds.clone(),
-        samples: args.samples,
-        window: args.window,
-        noise: args.noise,
-        replace: args.replace,
-        seed_mode: args.seed_mode,
-        seed: args.seed,
-        correctness: args.correctness,
+        kinds: args.trace.kinds.clone(),
+        samples: args.trace.samples,
+        window: args.trace.window,
+        noise: args.trace.noise,
+        replace: args.trace.replace,
+        seed_mode: args.trace.seed_mode,
+        seed: args.trace.seed,
+        correctness: args.trace.correctness,
         layers_per_job: args.layers_per_job,
         limit: args.limit,
         dtype: args.dtype.clone(),

@@ -6,13 +6,12 @@ use std::path::{Path as FsPath, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 use common::dataset::read_knowns_file;
+use common::flags::TraceFlags;
 
 use super::ModelArgs;
 use crate::load::LoadedModel;
 use crate::trace::noise::{embedding_std, resolve};
-use crate::trace::{
-    Correctness, FactInput, FactTrace, Kind, NoiseSpec, Path, SeedMode, TraceConfig, trace_fact,
-};
+use crate::trace::{FactInput, FactTrace, NoiseSpec, Path, TraceConfig, trace_fact};
 
 /// `worker trace`.
 #[derive(Debug, Args)]
@@ -29,37 +28,15 @@ pub struct TraceArgs {
     /// The expected attribute (e.g. "Berlin"), for the correctness check.
     #[arg(long)]
     pub expect: Option<String>,
-    /// Which states to restore: hidden, mlp, attn.
-    #[arg(long, value_delimiter = ',', default_value = "hidden,mlp,attn")]
-    pub kinds: Vec<Kind>,
-    /// Noise samples per restored state.
-    #[arg(long, default_value_t = 10)]
-    pub samples: usize,
-    /// Layers restored together for mlp and attn.
-    #[arg(long, default_value_t = 10)]
-    pub window: usize,
-    /// A level (e.g. 0.1), sK (K × the subjects' embedding std; needs --noise-subjects) or uK
-    /// (uniform noise in [-1, 1) × K).
-    #[arg(long, default_value = "s3")]
-    pub noise: NoiseSpec,
+    /// The trace settings.
+    #[command(flatten)]
+    pub trace: TraceFlags,
     /// Knowns file whose subjects define the embedding std for sK noise.
     #[arg(long)]
     pub noise_subjects: Option<PathBuf>,
-    /// Replace the subject's embeddings with the noise instead of adding it.
-    #[arg(long)]
-    pub replace: bool,
-    /// rome: numpy RandomState(1) for every fact, as ROME; per-fact: seeded by --seed and --known-id.
-    #[arg(long, default_value = "rome")]
-    pub seed_mode: SeedMode,
-    /// The sweep seed for --seed-mode per-fact.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// The fact's id, for --seed-mode per-fact.
     #[arg(long, default_value_t = 0)]
     pub known_id: u64,
-    /// With --expect: strict (ROME), first-token, or none (trace anyway).
-    #[arg(long, default_value = "first-token")]
-    pub correctness: Correctness,
     /// Compute the tables ROME's way (slow; the reference for the fast path).
     #[arg(long)]
     pub naive: bool,
@@ -109,38 +86,35 @@ pub fn run_noise_level(args: &NoiseLevelArgs, out: &mut dyn Write) -> anyhow::Re
 
 /// Runs `worker trace`.
 pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    if args.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
-    if args.kinds.is_empty() {
-        bail!("--kinds needs at least one of hidden, mlp, attn");
-    }
+    let flags = &args.trace;
+    flags.check().map_err(anyhow::Error::msg)?;
     let loaded = args.model.load()?;
     let n_layers = loaded.model.dims().n_layers;
-    if args.window == 0 || args.window > n_layers {
-        bail!("--window {} must be between 1 and the model's {n_layers} layers", args.window);
+    let window = flags.window as usize;
+    if window > n_layers {
+        bail!("--window {window} must be between 1 and the model's {n_layers} layers");
     }
-    let std = match args.noise {
+    let std = match flags.noise {
         NoiseSpec::StdMultiple(_) => {
             let path = args.noise_subjects.as_deref().with_context(|| {
                 format!(
                     "--noise {} needs --noise-subjects <KNOWNS FILE> (ROME uses the dataset's subjects), or give a level such as --noise 0.1",
-                    args.noise
+                    flags.noise
                 )
             })?;
             Some(subjects_std(&loaded, path)?)
         }
         _ => None,
     };
-    let noise = resolve(args.noise, args.replace, std)?;
+    let noise = resolve(flags.noise, flags.replace, std)?;
     let cfg = TraceConfig {
-        kinds: args.kinds.clone(),
-        samples: args.samples,
-        window: args.window,
+        kinds: flags.kinds.clone(),
+        samples: flags.samples as usize,
+        window,
         noise,
-        seed_mode: args.seed_mode,
-        seed: args.seed,
-        correctness: args.correctness,
+        seed_mode: flags.seed_mode,
+        seed: flags.seed,
+        correctness: flags.correctness,
         max_batch_tokens: args.max_batch_tokens,
         layers: None,
     };
