@@ -108,14 +108,8 @@ fn draw<DB: DrawingBackend>(
             mesh.y_desc(y_label);
         }
         mesh.draw().map_err(e)?;
+        // Bands first, lines over them: a translucent band must not hide another line.
         for line in &panel.lines {
-            let points: Vec<(f64, f64)> = line
-                .values
-                .iter()
-                .enumerate()
-                .filter_map(|(l, &v)| finite(v).map(|v| (l as f64, v)))
-                .collect();
-            // The band: the polygon above the line, then back along below it.
             let upper = line
                 .values
                 .iter()
@@ -132,9 +126,17 @@ fn draw<DB: DrawingBackend>(
             let band: Vec<(f64, f64)> = upper.chain(lower.into_iter().rev()).collect();
             if band.len() > 2 {
                 chart
-                    .draw_series(std::iter::once(Polygon::new(band, line.color.mix(0.2).filled())))
+                    .draw_series(std::iter::once(Polygon::new(band, line.color.mix(0.15).filled())))
                     .map_err(e)?;
             }
+        }
+        for line in &panel.lines {
+            let points: Vec<(f64, f64)> = line
+                .values
+                .iter()
+                .enumerate()
+                .filter_map(|(l, &v)| finite(v).map(|v| (l as f64, v)))
+                .collect();
             let series = chart
                 .draw_series(LineSeries::new(points, line.color.stroke_width(2)))
                 .map_err(e)?;
