@@ -85,11 +85,12 @@ pub fn parse_knowns_json(source: &str, text: &str) -> Result<Knowns> {
     Ok(knowns)
 }
 
-/// Reads a knowns JSON file from a local path.
+/// Reads a knowns file from a local path, in the format its name says (a JSON array, JSON
+/// Lines or Parquet; see [`crate::dataset_formats`]).
 pub fn read_knowns_file(path: &std::path::Path) -> Result<Knowns> {
-    let text = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-    parse_knowns_json(&path.display().to_string(), &text)
+    crate::dataset_formats::parse_knowns(&path.display().to_string(), &bytes.into())
 }
 
 pub(crate) fn fact_from_value(

@@ -197,6 +197,18 @@ mod tests {
     }
 
     #[test]
+    fn files_are_read_in_the_format_their_name_says() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("facts.jsonl");
+        let line = r#"{"known_id": 1, "subject": "A", "attribute": "B", "prompt": "A is"}"#;
+        std::fs::write(&path, format!("{line}\n")).expect("write");
+        let knowns = crate::dataset::read_knowns_file(&path).expect("reads JSON Lines");
+        assert_eq!(knowns.facts.len(), 1);
+        assert_eq!(Format::of("s3://b/k.parquet?x=1"), Format::Parquet);
+        assert_eq!(Format::of("known_1000.json"), Format::JsonArray);
+    }
+
+    #[test]
     fn parquet_rows_are_records() {
         let schema = Arc::new(Schema::new(vec![
             Field::new("known_id", DataType::Int64, true),
