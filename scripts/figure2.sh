@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The paper-scale run behind docs/results.md: SmolLM2-135M-Instruct on the first facts of
+# ROME's known_1000.json with the paper's settings (s3 noise, 10 samples, window 10, all
+# kinds, facts the model predicts), then Figure 2. Hours on 2 CPU cores, minutes on a GPU;
+# resumable: run it again after any interruption and it continues where it stopped.
+#
+#   scripts/figure2.sh [FIGURES_DIR]   (default: docs/figure2)
+#   CT_KNOWNS=FILE          known_1000.json (default: ../shared/data/known_1000.json)
+#   CT_FIGURE2_FACTS=600    how many of its facts (SmolLM2 predicts about 23% of them)
+#   CT_FIGURE2_OUT=DIR      where the sweep's tables go (default: the cache)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/causal-trace/target}"
+knowns="${CT_KNOWNS:-../shared/data/known_1000.json}"
+facts="${CT_FIGURE2_FACTS:-600}"
+sweeps="${CT_FIGURE2_OUT:-${CT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/causal-trace}/figure2}"
+figures="${1:-docs/figure2}"
+model=$(scripts/fetch-model.sh)
+cargo build --release --locked -p worker -p coordinator
+coordinator="$CARGO_TARGET_DIR/release/coordinator"
+
+# The sweep id is the settings' digest: the same command finds and resumes the same sweep.
+"$coordinator" run --knowns "$knowns" --model "$model" --out "$sweeps" \
+  --local-workers 2 --worker-threads 1 --limit "$facts" --flush-secs 60
+sweep=$(ls -td "$sweeps"/sweep-*/ | head -1)
+"$coordinator" aggregate --results "$sweep" --out "$figures"
