@@ -21,7 +21,8 @@ cargo build --release --locked -p worker -p coordinator
 coordinator="$CARGO_TARGET_DIR/release/coordinator"
 
 # The sweep id is the settings' digest: the same command finds and resumes the same sweep.
-"$coordinator" run --knowns "$knowns" --model "$model" --out "$sweeps" \
-  --local-workers 2 --worker-threads 1 --limit "$facts" --flush-secs 60
-sweep=$(ls -td "$sweeps"/sweep-*/ | head -1)
-"$coordinator" aggregate --results "$sweep" --out "$figures"
+# Its summary (on stdout) starts with "sweep <id> ...".
+id=$("$coordinator" run --knowns "$knowns" --model "$model" --out "$sweeps" \
+  --local-workers 2 --worker-threads 1 --limit "$facts" --flush-secs 60 \
+  | tee /dev/stderr | sed -n 's/^sweep \([^ ]*\) .*/\1/p' | head -1)
+"$coordinator" aggregate --results "$sweeps/$id" --out "$figures"
