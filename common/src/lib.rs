@@ -11,6 +11,7 @@ pub mod fingerprint;
 pub mod flags;
 pub mod lineplot;
 pub mod plot;
+pub mod process;
 pub mod rollup;
 pub mod settings;
 pub mod storage;

@@ -17,13 +17,12 @@ mod status;
 mod writer;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    common::process::init_logging(cli.log_json);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -40,22 +39,5 @@ fn main() -> std::process::ExitCode {
             }
         }
     });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
-            eprintln!("error: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    common::process::exit_code(result)
 }

@@ -2,7 +2,6 @@
 //! hands over to the library.
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use worker::cli::{Cli, Command, run_noise_level, run_predict, run_serve, run_trace};
 
 fn main() -> std::process::ExitCode {
@@ -14,30 +13,12 @@ fn main() -> std::process::ExitCode {
             unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string()) };
         }
     }
-    init_logging(cli.log_json);
+    common::process::init_logging(cli.log_json);
     let result = match &cli.command {
         Command::Predict(args) => run_predict(args, &mut std::io::stdout().lock()),
         Command::Trace(args) => run_trace(args, &mut std::io::stdout().lock()),
         Command::NoiseLevel(args) => run_noise_level(args, &mut std::io::stdout().lock()),
         Command::Serve(args) => run_serve(args),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            // Print the whole chain: "loading x: missing tensor y" says what and where.
-            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
-            eprintln!("error: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    common::process::exit_code(result)
 }
