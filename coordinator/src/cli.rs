@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// Serve Prometheus metrics and /healthz here.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A file holding the token every worker must present (else `$CT_TOKEN`, if set).
+    #[arg(long, env = "CT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Listen beyond loopback without a token: only on a network where every peer is trusted.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
     /// The sweep's id (default: a digest of its settings, so the same command resumes it).
     #[arg(long)]
     pub sweep_id: Option<String>,
@@ -100,4 +106,7 @@ pub struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// A file holding the sweep's token (else `$CT_TOKEN`, if set).
+    #[arg(long, env = "CT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }

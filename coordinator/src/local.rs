@@ -25,14 +25,21 @@ pub struct WorkerCommand {
     pub threads: usize,
     /// dtype.
     pub dtype: String,
+    /// The token file, if the token came from one.
+    pub token_file: Option<PathBuf>,
 }
 
 impl WorkerCommand {
     fn spawn(&self, slot: usize) -> anyhow::Result<Child> {
-        Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        command
             .args(["serve", "--coordinator", &self.coordinator, "--model", &self.model])
             .args(["--threads", &self.threads.to_string(), "--dtype", &self.dtype])
-            .args(["--name", &format!("local-{slot}")])
+            .args(["--name", &format!("local-{slot}")]);
+        if let Some(file) = &self.token_file {
+            command.arg("--token-file").arg(file);
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)

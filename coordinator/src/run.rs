@@ -48,6 +48,19 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_args(&args)?;
     let started = Instant::now();
+    let listen = args.listen.unwrap_or_else(|| {
+        if args.local_workers.is_some() { "127.0.0.1:0" } else { "0.0.0.0:50051" }
+            .parse()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+    });
+    let token = proto::auth::Token::configured(args.token_file.as_deref())?;
+    if token.is_none() && !listen.ip().is_loopback() && !args.insecure_no_auth {
+        bail!(
+            "--listen {listen} is reachable beyond this machine, but no token is set: give one \
+             in CT_TOKEN or --token-file (workers need the same), or pass --insecure-no-auth \
+             on a network where every peer is trusted"
+        );
+    }
 
     let knowns_at =
         Location::open(&args.knowns, false).with_context(|| format!("--knowns {}", args.knowns))?;
@@ -179,16 +192,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     manifest::write(&out, &info.manifest(&shared, "running")).await?;
 
     // Servers: gRPC (with health) for workers, HTTP for metrics.
-    let listen = args.listen.unwrap_or_else(|| {
-        if args.local_workers.is_some() { "127.0.0.1:0" } else { "0.0.0.0:50051" }
-            .parse()
-            .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-    });
     let listener = TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let grpc =
-        tokio::spawn(crate::server::serve_grpc(listener, Service(shared.clone()), stop_rx.clone()));
+    let grpc = tokio::spawn(crate::server::serve_grpc(
+        listener,
+        Service(shared.clone()),
+        token,
+        stop_rx.clone(),
+    ));
     if let Some(metrics_addr) = args.metrics_listen {
         let http = TcpListener::bind(metrics_addr)
             .await
@@ -219,6 +231,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 model: args.model.clone(),
                 threads: args.worker_threads.unwrap_or((cores / n).max(1)),
                 dtype: args.dtype.clone(),
+                // A token from $CT_TOKEN reaches the children through the environment.
+                token_file: args.token_file.clone(),
             };
             Some(LocalWorkers::start(command, n)?)
         }

@@ -1,4 +1,5 @@
-//! The gRPC server: the coordinator service and the standard health service.
+//! The gRPC server: the coordinator service (behind the token check) and the standard
+//! health service.
 
 use proto::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
@@ -10,6 +11,7 @@ use crate::service::Service;
 pub async fn serve_grpc(
     listener: TcpListener,
     service: Service,
+    token: Option<proto::auth::Token>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -17,6 +19,11 @@ pub async fn serve_grpc(
     let coordinator = CoordinatorServer::new(service)
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    // Every coordinator RPC needs the token; health stays open for kubelet's probes.
+    let coordinator = tonic::service::interceptor::InterceptedService::new(
+        coordinator,
+        proto::auth::RequireToken(token),
+    );
     let result = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(coordinator)

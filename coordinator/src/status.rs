@@ -3,15 +3,18 @@
 use std::io::Write;
 
 use anyhow::Context;
-use proto::coordinator_client::CoordinatorClient;
 
 use crate::cli::StatusArgs;
 
 /// Asks the coordinator at `args.coordinator` and prints its answer.
 pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let mut client = CoordinatorClient::connect(args.coordinator.clone())
+    let token = proto::auth::Token::configured(args.token_file.as_deref())?;
+    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
+        .with_context(|| format!("--coordinator {}", args.coordinator))?
+        .connect()
         .await
         .with_context(|| format!("cannot reach a coordinator at {}", args.coordinator))?;
+    let mut client = proto::auth::client(channel, token);
     let s = client.status(proto::StatusRequest {}).await?.into_inner();
     if args.json {
         let value = serde_json::json!({

@@ -2,6 +2,8 @@
 //! compiled at build time with protox (no system protoc).
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
+pub mod auth;
+
 /// Version 1 of the protocol.
 pub mod v1 {
     tonic::include_proto!("causal_trace.v1");

@@ -91,10 +91,22 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args`, logging into `dir/<tag>.{err,out}`.
     pub fn start(bin: &Path, args: &[String], dir: &Path, tag: &str) -> Self {
+        Self::start_env(bin, args, &[], dir, tag)
+    }
+
+    /// `start` with extra environment variables.
+    pub fn start_env(
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        dir: &Path,
+        tag: &str,
+    ) -> Self {
         let log = dir.join(format!("{tag}.err"));
         let out = dir.join(format!("{tag}.out"));
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).expect("stdout file"))

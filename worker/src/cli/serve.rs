@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// A name for the coordinator's logs (default: host name and process id).
     #[arg(long)]
     pub name: Option<String>,
+    /// A file holding the coordinator's token (else `$CT_TOKEN`, if set).
+    #[arg(long, env = "CT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Where models named by URL are cached.
     #[arg(long, env = "CT_MODEL_CACHE")]
     pub cache: Option<PathBuf>,
@@ -59,6 +62,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let token = proto::auth::Token::configured(args.token_file.as_deref())?;
     let result = runtime.block_on(async {
         let cache = args.cache.clone().unwrap_or_else(default_cache);
         let path = local_model(&args.model, &cache).await?;
@@ -90,6 +94,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         });
         let opts = ServeOptions {
             coordinator: args.coordinator.clone(),
+            token,
             name,
             fingerprint,
             capabilities,

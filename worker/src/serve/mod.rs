@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use proto::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use crate::load::LoadedModel;
@@ -28,6 +27,8 @@ use crate::load::LoadedModel;
 pub struct ServeOptions {
     /// The coordinator's URL.
     pub coordinator: String,
+    /// The token sent with every request.
+    pub token: Option<proto::auth::Token>,
     /// For the coordinator's logs.
     pub name: String,
     /// The model's fingerprint.
@@ -46,7 +47,7 @@ pub struct ServeOptions {
 
 /// A registered session with the coordinator.
 struct Session {
-    client: CoordinatorClient<Channel>,
+    client: proto::auth::Client,
     worker_id: String,
     heartbeat: Duration,
 }
@@ -245,9 +246,7 @@ async fn register(opts: &ServeOptions) -> Result<Session, RegisterError> {
         .tcp_nodelay(true);
     let channel =
         endpoint.connect().await.map_err(|e| RegisterError::Unreachable(e.to_string()))?;
-    let mut client = CoordinatorClient::new(channel)
-        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let mut client = proto::auth::client(channel, opts.token.clone());
     let request = proto::RegisterRequest {
         name: opts.name.clone(),
         model_fingerprint: opts.fingerprint.clone(),
