@@ -92,7 +92,8 @@ pub struct RunArgs {
     /// Commit as soon as this many trace rows are buffered.
     #[arg(long, default_value_t = 2_000_000)]
     pub flush_rows: usize,
-    /// After the sweep finishes, keep answering "finished" to workers this long (seconds).
+    /// After the sweep finishes, keep answering "finished" to workers this long (seconds);
+    /// `inf` serves status, health and metrics until SIGTERM (a Kubernetes Deployment).
     #[arg(long, default_value_t = 2.0)]
     pub linger_secs: f64,
 }

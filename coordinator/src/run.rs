@@ -34,7 +34,7 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
         bail!("--layers-per-job must be at least 1");
     }
     if !(args.lease_secs > 0.0 && args.flush_secs > 0.0 && args.linger_secs >= 0.0) {
-        bail!("--lease-secs and --flush-secs must be positive");
+        bail!("--lease-secs and --flush-secs must be positive, --linger-secs not negative");
     }
     if let Some(id) = &args.sweep_id {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
@@ -110,7 +110,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 differences.join("; ")
             );
         }
-        if m.state == "finished" {
+        // With `--linger-secs inf` (Kubernetes) a finished sweep still serves its status
+        // until it is stopped, instead of exiting into a restart loop.
+        if m.state == "finished" && args.linger_secs.is_finite() {
             println!("sweep {sweep_id} is already finished: nothing to do");
             print_summary(m, &out.display, None);
             return Ok(());
@@ -249,7 +251,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // storage failure, and then the jobs are simply redone by the next run.
     let flushed = flush(&shared, &out, &mut info, state).await;
     if state == "finished" && args.linger_secs > 0.0 {
-        tokio::time::sleep(Duration::from_secs_f64(args.linger_secs)).await;
+        // `inf` lingers until SIGTERM; any linger ends early on one.
+        let linger = async {
+            match Duration::try_from_secs_f64(args.linger_secs) {
+                Ok(d) => tokio::time::sleep(d).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let mut signals = Signals::new()?;
+        tokio::select! {
+            () = linger => {}
+            () = signals.recv() => {}
+        }
     }
     let _ = stop_tx.send(true);
     if let Some(local) = local {

@@ -142,6 +142,25 @@ fn two_workers_write_every_row_once_with_worker_trace_scores() {
     assert!(again.wait(Duration::from_secs(60)).success(), "{}", again.stderr());
     assert!(again.stdout().contains("already finished"), "{}", again.stdout());
     assert_eq!(read_tables(&dir).files.len(), files_before);
+
+    // As a Kubernetes Deployment runs it: a finished sweep keeps answering until SIGTERM.
+    let port = e2e::free_port();
+    let mut serving = run.clone();
+    serving.extend(args(&["--linger-secs", "inf", "--listen", &format!("127.0.0.1:{port}")]));
+    let mut lingering = Proc::start(&bin("coordinator"), &serving, tmp.path(), "lingering");
+    e2e::wait_until(Duration::from_secs(60), "a finished status", || {
+        e2e::status(port).is_some_and(|s| s["state"] == "finished")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(lingering.child.try_wait().expect("try_wait").is_none(), "still serving");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &lingering.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(term.success());
+    assert!(lingering.wait(Duration::from_secs(30)).success(), "{}", lingering.stderr());
+    assert_eq!(read_tables(&dir).files.len(), files_before, "nothing written twice");
+    assert_eq!(manifest(&dir)["state"], "finished");
 }
 
 #[test]
