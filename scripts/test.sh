@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: fetches what the tests need (the SmolLM2 GGUF, GPT-2's BPE files, DuckDB's
-# Python package), then
-# runs every test of the workspace. Works on a fresh machine with Rust, Python 3 and npm.
+# Python package, the deploy/ checkers), then runs every test of the workspace. Works on a
+# fresh machine with Rust, Python 3, npm and kubectl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,5 +9,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cau
 export CT_SMOLLM2_GGUF="${CT_SMOLLM2_GGUF:-$(scripts/fetch-model.sh)}"
 export CT_GPT2_VOCAB_DIR="${CT_GPT2_VOCAB_DIR:-$(scripts/fetch-gpt2-vocab.sh)}"
 export CT_DUCKDB_PYTHONPATH="${CT_DUCKDB_PYTHONPATH:-$(scripts/fetch-duckdb.sh)}"
+export CT_DEPLOY_TOOLS="${CT_DEPLOY_TOOLS:-$(scripts/fetch-deploy-tools.sh)}"
 
 cargo test --workspace --locked "$@"
