@@ -47,6 +47,22 @@ pub fn is_url(s: &str) -> bool {
     .any(|scheme| s.starts_with(scheme))
 }
 
+/// Retries for remote stores: transient failures (connection errors, timeouts, 5xx, 429)
+/// are retried with exponential backoff from 100 ms to 15 s, up to 10 times within 5
+/// minutes, so a store's brief outage costs a sweep time, not a job. Errors that retrying
+/// cannot fix (403, 404, a refused conditional write) come back at once.
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(15),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: std::time::Duration::from_secs(300),
+    }
+}
+
 impl Location {
     /// Opens a path or URL. Local folders are created when `create` is set.
     pub fn open(s: &str, create: bool) -> Result<Self> {
@@ -65,18 +81,21 @@ impl Location {
             "s3" | "s3a" => Arc::new(
                 object_store::aws::AmazonS3Builder::from_env()
                     .with_url(s)
+                    .with_retry(retry())
                     .build()
                     .map_err(|e| storage_error(s, e))?,
             ),
             "gs" => Arc::new(
                 object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(s)
+                    .with_retry(retry())
                     .build()
                     .map_err(|e| storage_error(s, e))?,
             ),
             "az" | "abfs" | "abfss" => Arc::new(
                 object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(s)
+                    .with_retry(retry())
                     .build()
                     .map_err(|e| storage_error(s, e))?,
             ),
@@ -85,6 +104,7 @@ impl Location {
                 Arc::new(
                     object_store::http::HttpBuilder::new()
                         .with_url(origin)
+                        .with_retry(retry())
                         .build()
                         .map_err(|e| storage_error(s, e))?,
                 )
