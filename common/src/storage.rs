@@ -105,6 +105,12 @@ impl Location {
                     object_store::http::HttpBuilder::new()
                         .with_url(origin)
                         .with_retry(retry())
+                        // object_store refuses plain http unless told: an http:// URL is
+                        // the user telling it.
+                        .with_client_options(
+                            object_store::ClientOptions::new()
+                                .with_allow_http(url.scheme() == "http"),
+                        )
                         .build()
                         .map_err(|e| storage_error(s, e))?,
                 )

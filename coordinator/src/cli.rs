@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Threads per local worker (default: the cores shared out among them).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// The device of each local worker: `cpu`, `cuda` or `cuda:N` (a worker built with
+    /// `--features cuda`). Several workers may share one GPU.
+    #[arg(long, default_value = "cpu")]
+    pub worker_device: String,
     /// The worker binary for --local-workers (default: `worker` beside this binary, then PATH).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,

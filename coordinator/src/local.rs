@@ -25,6 +25,8 @@ pub struct WorkerCommand {
     pub threads: usize,
     /// dtype.
     pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
     /// The token file, if the token came from one.
     pub token_file: Option<PathBuf>,
 }
@@ -35,6 +37,7 @@ impl WorkerCommand {
         command
             .args(["serve", "--coordinator", &self.coordinator, "--model", &self.model])
             .args(["--threads", &self.threads.to_string(), "--dtype", &self.dtype])
+            .args(["--device", &self.device])
             .args(["--name", &format!("local-{slot}")]);
         if let Some(file) = &self.token_file {
             command.arg("--token-file").arg(file);

@@ -233,6 +233,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 model: args.model.clone(),
                 threads: args.worker_threads.unwrap_or((cores / n).max(1)),
                 dtype: args.dtype.clone(),
+                device: args.worker_device.clone(),
                 // A token from $CT_TOKEN reaches the children through the environment.
                 token_file: args.token_file.clone(),
             };

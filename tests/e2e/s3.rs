@@ -1,7 +1,7 @@
 //! Object storage end to end: a real S3 server (s3s-fs, started on 127.0.0.1 by the test)
 //! holds the model, the dataset and the results. A sweep that reads and writes only
 //! `s3://` URLs, then `coordinator aggregate` on `s3://`, give the same sweep id and the
-//! same numbers as the same sweep on local folders.
+//! same numbers as the same sweep written to a local folder (whose inputs come over HTTP).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -164,13 +164,38 @@ fn a_sweep_in_s3_equals_the_same_sweep_on_disk() {
     let cached = tmp.path().join("cache").read_dir().map_or(0, |d| d.count());
     assert!(cached >= 1, "the workers copied the model from S3 into their cache");
 
+    // The same sweep into a local folder, reading its inputs over plain HTTP (the https://
+    // path of object_store's HTTP store, without TLS).
+    let www = tmp.path().join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::copy(&dataset, www.join("two.json")).expect("copy dataset");
+    std::os::unix::fs::symlink(&model, www.join("SmolLM2-135M-Instruct.Q4_1.gguf")).expect("link");
+    let http_port = free_port();
+    let _http = Proc::start(
+        Path::new("python3"),
+        &args(&[
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            www.to_str().expect("utf8"),
+            &http_port.to_string(),
+        ]),
+        tmp.path(),
+        "http",
+    );
+    wait_until(Duration::from_secs(30), "the HTTP server", || {
+        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
+    });
     let local_out = tmp.path().join("local");
     let local = sweep_args(
-        dataset.to_str().expect("utf8"),
-        model.to_str().expect("utf8"),
+        &format!("http://127.0.0.1:{http_port}/two.json"),
+        &format!("http://127.0.0.1:{http_port}/SmolLM2-135M-Instruct.Q4_1.gguf"),
         local_out.to_str().expect("utf8"),
     );
-    let local_id = sweep_id(&coordinator(&local, &[], tmp.path(), "local-sweep"));
+    let cache = [("CT_MODEL_CACHE", tmp.path().join("cache-http").display().to_string())];
+    let local_id = sweep_id(&coordinator(&local, &cache, tmp.path(), "local-sweep"));
     assert_eq!(id, local_id, "the same dataset, model and settings: the same sweep");
 
     let agg_s3 = tmp.path().join("agg-s3");
