@@ -3,10 +3,11 @@
 //! directly. The gRPC service drives it under one mutex.
 //!
 //! A job is Queued, Leased (to a worker, until a deadline that heartbeats extend), Done or
-//! Failed (given up after `max_attempts` tries). Results are deterministic, so a completion is
-//! accepted from any registered worker as long as the job is not Done: the first one wins and
-//! later ones are dropped. That, and the journal replay at start-up, is what makes every row
-//! appear exactly once.
+//! Failed (given up after `max_attempts` tries). Workers are not trusted: a completion counts
+//! only from the worker holding the job's live lease (its id and lease id, before the
+//! deadline); one for a job already Done is a harmless duplicate, and anything else is
+//! refused. That, and the journal replay at start-up, is what makes every row appear exactly
+//! once.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -64,6 +65,18 @@ pub struct Lease {
     pub spec: JobSpec,
     /// Names this lease.
     pub lease_id: u64,
+}
+
+/// What became of a completion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completion {
+    /// From the holder of the job's live lease: keep the result.
+    Accepted(JobSpec),
+    /// The job is done already (a retried or duplicate hand-in): drop it, nothing is wrong.
+    AlreadyDone,
+    /// Not from the holder of a live lease (never leased to this worker, expired, or leased
+    /// to another since, or an unknown job): refused.
+    NotHeld,
 }
 
 /// The answer to a lease request.
@@ -228,18 +241,18 @@ impl Scheduler {
         self.index.get(job).map(|&i| self.jobs[i].spec.clone())
     }
 
-    /// Marks `job` done. `Some(spec)` the first time (keep the result), `None` when it was
-    /// already done or given up, or is unknown (drop the result).
-    pub fn complete(&mut self, job: &str) -> Option<JobSpec> {
-        let &i = self.index.get(job)?;
-        let state = &mut self.jobs[i];
-        match state.status {
-            Status::Done | Status::Failed => None,
-            Status::Queued => {
-                self.queue.retain(|&q| q != i);
-                Some(self.finish(i))
+    /// `worker` hands in `job` under `lease_id`: marks it done if that is the job's live
+    /// lease.
+    pub fn complete(&mut self, worker: &str, job: &str, lease_id: u64, now: Instant) -> Completion {
+        let Some(&i) = self.index.get(job) else { return Completion::NotHeld };
+        match &self.jobs[i].status {
+            Status::Done => Completion::AlreadyDone,
+            Status::Leased { worker: w, lease_id: l, deadline }
+                if w == worker && *l == lease_id && *deadline > now =>
+            {
+                Completion::Accepted(self.finish(i))
             }
-            Status::Leased { .. } => Some(self.finish(i)),
+            _ => Completion::NotHeld,
         }
     }
 
@@ -409,7 +422,10 @@ mod tests {
         let cal = leased(s.lease(&w, now));
         assert_eq!(cal.spec.work, Work::Calibration);
         assert_eq!(s.lease(&w, now), LeaseOutcome::Wait);
-        assert!(s.complete("calibration").is_some());
+        assert!(matches!(
+            s.complete(&w, "calibration", cal.lease_id, now),
+            Completion::Accepted(_)
+        ));
         assert_eq!(leased(s.lease(&w, now)).spec.id, "0:0-2");
     }
 
@@ -439,22 +455,38 @@ mod tests {
     }
 
     #[test]
-    fn completes_once_whoever_finishes() {
+    fn only_the_live_lease_holder_completes_and_only_once() {
         let mut s = Scheduler::new(Duration::from_secs(10), 3);
         let t0 = Instant::now();
-        s.add([trace(0), trace(1)], |id| id == "1:0-2");
+        s.add([trace(0), trace(1), trace(2)], |id| id == "1:0-2");
         assert_eq!(s.counts(t0).done, 1);
         let a = s.register("a", t0);
         let lease = leased(s.lease(&a, t0));
-        s.expire(t0 + Duration::from_secs(11));
         let b = s.register("b", t0);
-        let again = leased(s.lease(&b, t0 + Duration::from_secs(12)));
+        // Nobody else completes a's job, nor a under another lease id or after its deadline.
+        assert_eq!(s.complete(&b, &lease.spec.id, lease.lease_id, t0), Completion::NotHeld);
+        assert_eq!(s.complete(&a, &lease.spec.id, lease.lease_id + 1, t0), Completion::NotHeld);
+        let late = t0 + Duration::from_secs(10);
+        assert_eq!(s.complete(&a, &lease.spec.id, lease.lease_id, late), Completion::NotHeld);
+        // Nor a job that is queued, unknown, or done in an earlier run.
+        assert_eq!(s.complete(&a, "2:0-2", 0, t0), Completion::NotHeld);
+        assert_eq!(s.complete(&a, "9:0-2", 0, t0), Completion::NotHeld);
+        assert_eq!(s.complete(&a, "1:0-2", 0, t0), Completion::AlreadyDone);
+        // Expired and leased to b: b's lease counts, a's late result does not.
+        s.expire(t0 + Duration::from_secs(11));
+        let t1 = t0 + Duration::from_secs(12);
+        let other = leased(s.lease(&b, t1));
+        assert_eq!(other.spec.id, "2:0-2", "an expired job goes to the back of the queue");
+        let again = leased(s.lease(&b, t1));
         assert_eq!(lease.spec, again.spec);
-        // The late first worker finishes first: accepted; the second is dropped.
-        assert!(s.complete(&lease.spec.id).is_some());
-        assert!(s.complete(&again.spec.id).is_none());
-        assert!(s.complete("1:0-2").is_none(), "done in an earlier run");
-        assert!(s.finished());
+        assert_eq!(s.complete(&a, &lease.spec.id, lease.lease_id, t1), Completion::NotHeld);
+        assert!(matches!(
+            s.complete(&b, &again.spec.id, again.lease_id, t1),
+            Completion::Accepted(_)
+        ));
+        // A duplicate hand-in is harmless.
+        assert_eq!(s.complete(&b, &again.spec.id, again.lease_id, t1), Completion::AlreadyDone);
+        assert_eq!(s.counts(t1).done, 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::journal::Calibration;
 use crate::metrics::Metrics;
 use crate::results::job_rows;
-use crate::scheduler::{Failure, GivenUp, JobSpec, LeaseOutcome, Scheduler, Work};
+use crate::scheduler::{Completion, Failure, GivenUp, JobSpec, LeaseOutcome, Scheduler, Work};
 use crate::writer::Writer;
 
 /// What does not change during a sweep.
@@ -315,7 +315,7 @@ impl Coordinator for Service {
         shared.check_worker(&r.worker_id)?;
         let accepted = match r.result {
             Some(proto::complete_request::Result::Calibration(c)) => {
-                accept_calibration(shared, &r.job_id, c)
+                accept_calibration(shared, &r.worker_id, &r.job_id, r.lease_id, c)
             }
             Some(proto::complete_request::Result::Trace(t)) => {
                 accept_trace(shared, &r.worker_id, &r.job_id, r.lease_id, &t)
@@ -364,11 +364,19 @@ impl Coordinator for Service {
     }
 }
 
-fn accept_calibration(shared: &Shared, job_id: &str, c: proto::CalibrationResult) -> bool {
-    if job_id != CALIBRATION_JOB || !c.level.is_finite() || c.level < 0.0 {
+fn accept_calibration(
+    shared: &Shared,
+    worker: &str,
+    job_id: &str,
+    lease_id: u64,
+    c: proto::CalibrationResult,
+) -> bool {
+    if job_id != CALIBRATION_JOB || !c.level.is_finite() || c.level < 0.0 || !c.std.is_finite() {
+        tracing::warn!(worker, job = job_id, "refused an invalid calibration result");
         return false;
     }
-    if lock(&shared.sched).complete(job_id).is_none() {
+    let completion = lock(&shared.sched).complete(worker, job_id, lease_id, Instant::now());
+    if !accepted(completion, worker, job_id) {
         return false;
     }
     let calibration = Calibration { std: c.std, level: c.level, subjects: c.subjects };
@@ -411,7 +419,7 @@ fn accept_trace(
     // Buffer the rows under the scheduler's lock so that a flush never sees a job marked done
     // without its rows.
     let mut sched = lock(&shared.sched);
-    if sched.complete(job_id).is_none() {
+    if !accepted(sched.complete(worker, job_id, lease_id, Instant::now()), worker, job_id) {
         return false;
     }
     shared.writer.with_buffer(|b| {
@@ -425,4 +433,17 @@ fn accept_trace(
     });
     drop(sched);
     true
+}
+
+/// Whether a completion counts; refusals are logged (a worker handing in what it does not
+/// hold is either slow, its lease having expired, or not to be trusted).
+fn accepted(completion: Completion, worker: &str, job: &str) -> bool {
+    match completion {
+        Completion::Accepted(_) => true,
+        Completion::AlreadyDone => false,
+        Completion::NotHeld => {
+            tracing::warn!(worker, job, "refused a result: the worker holds no live lease on it");
+            false
+        }
+    }
 }

@@ -1,60 +1,27 @@
 //! Load test (not timed; prints figures): 200 simulated workers with a fake engine on one
 //! real coordinator process, 20,000 jobs, workers dying at random (a dead worker's job is
-//! only recovered by its lease expiring), some results handed in after their lease expired.
+//! only recovered by its lease expiring), some results handed in after their lease expired
+//! (refused: the job is leased again).
 //! Every row must be in the tables exactly once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::storage::Location;
 use e2e::{Proc, args, bin, free_port, manifest, read_tables, sweep_dir};
+use fake::{LAYERS, fake_result, fake_score};
+
+#[path = "fake.rs"]
+mod fake;
 use proto::coordinator_client::CoordinatorClient;
 use rand::{Rng, SeedableRng};
 
 const WORKERS: usize = 200;
 const FACTS: usize = 2_000;
-const LAYERS: u32 = 10;
-const TOKENS: usize = 4;
 /// A simulated worker dies (abandons its job and is replaced) with this probability per job.
 const DEATH: f64 = 0.02;
 /// A result is handed in after the job's lease expired with this probability per job.
 const LATE: f64 = 0.005;
-
-fn fake_score(known_id: u64, kind: usize, t: usize, layer: u32) -> f32 {
-    ((known_id * 31 + kind as u64 * 7 + t as u64 * 3 + u64::from(layer)) % 1000) as f32 / 1000.0
-}
-
-fn fake_result(job: &proto::TraceJob) -> proto::TraceResult {
-    let known_id = job.fact.as_ref().map_or(0, |f| f.known_id);
-    let kinds = job.settings.as_ref().map(|s| s.kinds.clone()).unwrap_or_default();
-    let scores = kinds
-        .iter()
-        .enumerate()
-        .map(|(k, kind)| proto::KindScores {
-            kind: kind.clone(),
-            scores: (0..TOKENS)
-                .flat_map(|t| {
-                    (job.layer_start..job.layer_end).map(move |l| fake_score(known_id, k, t, l))
-                })
-                .collect(),
-        })
-        .collect();
-    proto::TraceResult {
-        tokens: (0..TOKENS).map(|t| format!("t{t}")).collect(),
-        token_ids: (0..TOKENS as u32).collect(),
-        subject_start: 0,
-        subject_end: 1,
-        answer: " x".into(),
-        answer_id: 7,
-        high_score: 0.9,
-        low_score: 0.1,
-        correct: Some(true),
-        traced: true,
-        noise_level: 0.1,
-        scores,
-    }
-}
 
 #[derive(Default)]
 struct Tally {
@@ -76,15 +43,7 @@ async fn simulated_worker(url: String, fingerprint: String, seed: u64, tally: Ar
         let register = proto::RegisterRequest {
             name: format!("sim-{seed}"),
             model_fingerprint: fingerprint.clone(),
-            capabilities: Some(proto::Capabilities {
-                device: "fake".into(),
-                dtype: "f32".into(),
-                threads: 1,
-                n_layers: LAYERS,
-                d_model: 1,
-                family: "fake".into(),
-                version: "0".into(),
-            }),
+            capabilities: Some(fake::capabilities()),
         };
         let worker_id = client.register(register).await.expect("register").into_inner().worker_id;
         loop {
@@ -136,19 +95,7 @@ async fn simulated_worker(url: String, fingerprint: String, seed: u64, tally: Ar
 #[test]
 fn two_hundred_workers_twenty_thousand_jobs_every_row_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dataset = tmp.path().join("facts.jsonl");
-    let lines: Vec<String> = (0..FACTS)
-        .map(|i| {
-            serde_json::json!({
-                "known_id": i, "subject": format!("Subject{i}"), "attribute": "x",
-                "prompt": format!("Subject{i} is in"),
-            })
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&dataset, lines.join("\n")).expect("dataset");
-    let model = tmp.path().join("fake.gguf");
-    std::fs::write(&model, b"not a model: the simulated workers never load it").expect("model");
+    let (dataset, model) = fake::dataset_and_model(tmp.path(), FACTS);
     let out = tmp.path().join("out");
     let port = free_port();
     let run = args(&[
@@ -183,8 +130,7 @@ fn two_hundred_workers_twenty_thousand_jobs_every_row_once() {
     let tally = Arc::new(Tally::default());
     let started = Instant::now();
     runtime.block_on(async {
-        let at = Location::open(model.to_str().expect("utf8"), false).expect("model location");
-        let fingerprint = common::fingerprint::model_fingerprint(&at).await.expect("fingerprint");
+        let fingerprint = fake::fingerprint(&model).await;
         let url = format!("http://127.0.0.1:{port}");
         let tasks: Vec<_> = (0..WORKERS)
             .map(|i| {
@@ -208,7 +154,7 @@ fn two_hundred_workers_twenty_thousand_jobs_every_row_once() {
     assert_eq!(tables.facts.len(), FACTS);
     assert!(tables.errors.is_empty(), "{:?}", &tables.errors[..tables.errors.len().min(3)]);
     let rows = tables.assert_exactly_once(LAYERS, 3);
-    assert_eq!(rows, FACTS * TOKENS * LAYERS as usize * 3);
+    assert_eq!(rows, FACTS * fake::TOKENS * LAYERS as usize * 3);
     for r in tables.traces.iter().step_by(997) {
         let k = ["hidden", "mlp", "attn"].iter().position(|k| *k == r.kind.name()).expect("kind");
         assert_eq!(r.score, fake_score(r.known_id, k, r.token as usize, r.layer), "{r:?}");

@@ -1,0 +1,185 @@
+//! Workers are not trusted: over the real gRPC protocol, a registered worker cannot hand in
+//! a job it does not hold (another's lease, a stale lease id, a job never leased, an expired
+//! lease), a duplicate hand-in changes nothing, a malformed result is refused before anything
+//! is written, and an unknown worker id is told to register. The honest results that follow
+//! are in the tables exactly once.
+
+use std::time::Duration;
+
+use e2e::{Proc, args, bin, free_port, manifest, read_tables, sweep_dir};
+use fake::{LAYERS, capabilities, fake_result, fake_score};
+use proto::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+#[path = "fake.rs"]
+mod fake;
+
+async fn register(client: &mut CoordinatorClient<Channel>, name: &str, fp: &str) -> String {
+    let request = proto::RegisterRequest {
+        name: name.into(),
+        model_fingerprint: fp.into(),
+        capabilities: Some(capabilities()),
+    };
+    client.register(request).await.expect("register").into_inner().worker_id
+}
+
+async fn lease(
+    client: &mut CoordinatorClient<Channel>,
+    worker: &str,
+) -> (proto::Job, proto::TraceJob) {
+    let reply = client
+        .lease(proto::LeaseRequest { worker_id: worker.into() })
+        .await
+        .expect("lease")
+        .into_inner();
+    let Some(proto::lease_reply::Reply::Job(job)) = reply.reply else {
+        panic!("no job: {reply:?}")
+    };
+    let Some(proto::job::Work::Trace(work)) = job.work.clone() else { panic!("not a trace job") };
+    (job, work)
+}
+
+fn completion(
+    worker: &str,
+    job: &str,
+    lease_id: u64,
+    result: proto::TraceResult,
+) -> proto::CompleteRequest {
+    proto::CompleteRequest {
+        worker_id: worker.into(),
+        job_id: job.into(),
+        lease_id,
+        seconds: 0.0,
+        result: Some(proto::complete_request::Result::Trace(result)),
+    }
+}
+
+#[test]
+fn only_the_lease_holder_hands_in_and_only_well_formed_results() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dataset, model) = fake::dataset_and_model(tmp.path(), 3);
+    let out = tmp.path().join("out");
+    let port = free_port();
+    let run = args(&[
+        "run",
+        "--knowns",
+        dataset.to_str().expect("utf8"),
+        "--model",
+        model.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--noise",
+        "0.1",
+        "--correctness",
+        "none",
+        "--lease-secs",
+        "2",
+        "--flush-secs",
+        "0.3",
+        "--linger-secs",
+        "1",
+    ]);
+    let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        let fp = fake::fingerprint(&model).await;
+        let url = format!("http://127.0.0.1:{port}");
+        let channel = loop {
+            match tonic::transport::Endpoint::from_shared(url.clone()).expect("url").connect().await
+            {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let mut c = CoordinatorClient::new(channel);
+        let a = register(&mut c, "a", &fp).await;
+        let b = register(&mut c, "b", &fp).await;
+        let (job, work) = lease(&mut c, &a).await;
+        let good = fake_result(&work);
+        let refused = |r: Result<tonic::Response<proto::CompleteReply>, tonic::Status>| {
+            !r.expect("an answer, not an error").into_inner().accepted
+        };
+
+        // b hands in a's job, even quoting a's lease: refused.
+        let stolen = completion(&b, &job.job_id, job.lease_id, good.clone());
+        assert!(refused(c.complete(stolen).await), "another worker's job");
+        // a under a lease id it was never given, and a job never leased to anyone.
+        let stale = completion(&a, &job.job_id, job.lease_id + 7, good.clone());
+        assert!(refused(c.complete(stale).await), "a stale lease id");
+        let other = job.job_id.replacen(|ch: char| ch.is_ascii_digit(), "9", 1);
+        let unleased = completion(&a, &other, job.lease_id, good.clone());
+        assert!(refused(c.complete(unleased).await), "a job not leased: {other}");
+        // An unknown worker is told to register, not served.
+        let ghost = completion("ghost", &job.job_id, job.lease_id, good.clone());
+        let status = c.complete(ghost).await.expect_err("unknown worker");
+        assert_eq!(status.code(), tonic::Code::NotFound);
+
+        // Malformed results for the job a holds: refused, and a failed try.
+        let mut nan = good.clone();
+        nan.scores[0].scores[0] = f32::NAN;
+        let mut short = good.clone();
+        short.scores[1].scores.pop();
+        let mut far = good.clone();
+        far.subject_end = 99;
+        let bad =
+            [(nan, "a NaN score"), (short, "a missing score"), (far, "a subject past the end")];
+        let mut held = job.clone();
+        for (i, (result, what)) in bad.into_iter().enumerate() {
+            if i > 0 {
+                // The refused result was a failed try: the job went back; take the next.
+                held = lease(&mut c, &a).await.0;
+            }
+            let r = c.complete(completion(&a, &held.job_id, held.lease_id, result)).await;
+            assert!(refused(r), "{what}");
+        }
+
+        // The holder's honest result counts once; a duplicate changes nothing.
+        let (job, work) = lease(&mut c, &a).await;
+        let honest = completion(&a, &job.job_id, job.lease_id, fake_result(&work));
+        assert!(c.complete(honest.clone()).await.expect("complete").into_inner().accepted);
+        assert!(refused(c.complete(honest).await), "a duplicate");
+        // An expired lease no longer counts.
+        let (job, work) = lease(&mut c, &b).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let late = completion(&b, &job.job_id, job.lease_id, fake_result(&work));
+        assert!(refused(c.complete(late).await), "after the lease expired");
+
+        // Honest work finishes the sweep.
+        loop {
+            let reply = c
+                .lease(proto::LeaseRequest { worker_id: a.clone() })
+                .await
+                .expect("lease")
+                .into_inner();
+            match reply.reply.expect("reply") {
+                proto::lease_reply::Reply::Job(job) => {
+                    let Some(proto::job::Work::Trace(work)) = job.work else { panic!() };
+                    let r = completion(&a, &job.job_id, job.lease_id, fake_result(&work));
+                    assert!(c.complete(r).await.expect("complete").into_inner().accepted);
+                }
+                proto::lease_reply::Reply::Wait(w) => {
+                    tokio::time::sleep(Duration::from_millis(w.retry_ms)).await;
+                }
+                proto::lease_reply::Reply::Finished(_) => break,
+            }
+        }
+    });
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.stderr());
+    let dir = sweep_dir(&out);
+    let tables = read_tables(&dir);
+    assert_eq!(tables.facts.len(), 3);
+    assert!(tables.errors.is_empty(), "{:?}", tables.errors);
+    tables.assert_exactly_once(LAYERS, 3);
+    for r in &tables.traces {
+        let k = ["hidden", "mlp", "attn"].iter().position(|k| *k == r.kind.name()).expect("kind");
+        assert_eq!(r.score, fake_score(r.known_id, k, r.token as usize, r.layer), "{r:?}");
+    }
+    let m = manifest(&dir);
+    assert!(
+        m["jobs"]["retries"].as_u64().unwrap_or(0) >= 3,
+        "malformed results are failed tries: {m}"
+    );
+    assert!(coordinator.stderr().contains("holds no live lease"), "refusals are logged");
+}

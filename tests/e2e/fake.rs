@@ -1,0 +1,85 @@
+//! The fake engine shared by the tests that speak the worker protocol themselves: a dataset
+//! of made-up facts, a "model" file no one loads, and results with known scores.
+
+use std::path::{Path, PathBuf};
+
+use common::storage::Location;
+
+/// Layers of the fake model.
+pub const LAYERS: u32 = 10;
+/// Tokens of every fake prompt.
+pub const TOKENS: usize = 4;
+
+/// The score the fake engine reports for a cell: a function of its coordinates only.
+pub fn fake_score(known_id: u64, kind: usize, t: usize, layer: u32) -> f32 {
+    ((known_id * 31 + kind as u64 * 7 + t as u64 * 3 + u64::from(layer)) % 1000) as f32 / 1000.0
+}
+
+/// A well-formed result for `job`.
+pub fn fake_result(job: &proto::TraceJob) -> proto::TraceResult {
+    let known_id = job.fact.as_ref().map_or(0, |f| f.known_id);
+    let kinds = job.settings.as_ref().map(|s| s.kinds.clone()).unwrap_or_default();
+    let scores = kinds
+        .iter()
+        .enumerate()
+        .map(|(k, kind)| proto::KindScores {
+            kind: kind.clone(),
+            scores: (0..TOKENS)
+                .flat_map(|t| {
+                    (job.layer_start..job.layer_end).map(move |l| fake_score(known_id, k, t, l))
+                })
+                .collect(),
+        })
+        .collect();
+    proto::TraceResult {
+        tokens: (0..TOKENS).map(|t| format!("t{t}")).collect(),
+        token_ids: (0..TOKENS as u32).collect(),
+        subject_start: 0,
+        subject_end: 1,
+        answer: " x".into(),
+        answer_id: 7,
+        high_score: 0.9,
+        low_score: 0.1,
+        correct: Some(true),
+        traced: true,
+        noise_level: 0.1,
+        scores,
+    }
+}
+
+/// What a fake worker says about itself.
+pub fn capabilities() -> proto::Capabilities {
+    proto::Capabilities {
+        device: "fake".into(),
+        dtype: "f32".into(),
+        threads: 1,
+        n_layers: LAYERS,
+        d_model: 1,
+        family: "fake".into(),
+        version: "0".into(),
+    }
+}
+
+/// Writes `facts` made-up facts (JSON Lines) and a fake model file into `dir`.
+pub fn dataset_and_model(dir: &Path, facts: usize) -> (PathBuf, PathBuf) {
+    let dataset = dir.join("facts.jsonl");
+    let lines: Vec<String> = (0..facts)
+        .map(|i| {
+            serde_json::json!({
+                "known_id": i, "subject": format!("Subject{i}"), "attribute": "x",
+                "prompt": format!("Subject{i} is in"),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&dataset, lines.join("\n")).expect("dataset");
+    let model = dir.join("fake.gguf");
+    std::fs::write(&model, b"not a model: the simulated workers never load it").expect("model");
+    (dataset, model)
+}
+
+/// The fake model's fingerprint, as a worker would report it.
+pub async fn fingerprint(model: &Path) -> String {
+    let at = Location::open(model.to_str().expect("utf8"), false).expect("model location");
+    common::fingerprint::model_fingerprint(&at).await.expect("fingerprint")
+}
