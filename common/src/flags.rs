@@ -53,3 +53,18 @@ impl TraceFlags {
         Ok(())
     }
 }
+
+/// The client side of TLS, for an `https://` coordinator URL (`worker serve`,
+/// `coordinator status`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientTlsFlags {
+    /// The CA that issued the coordinator's certificate (PEM; default: the public web roots).
+    #[arg(long, env = "CT_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// This side's certificate, for a coordinator that demands one (mTLS; PEM).
+    #[arg(long, env = "CT_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CT_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use common::flags::TraceFlags;
+use common::flags::{ClientTlsFlags, TraceFlags};
 
 /// The causal-tracing sweep coordinator.
 #[derive(Debug, Parser)]
@@ -69,6 +69,15 @@ pub struct RunArgs {
     /// Listen beyond loopback without a token: only on a network where every peer is trusted.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// Serve gRPC over TLS with this certificate (PEM; with --tls-key).
+    #[arg(long, env = "CT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Demand a client certificate issued by this CA from every worker (mTLS; PEM).
+    #[arg(long, env = "CT_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// The sweep's id (default: a digest of its settings, so the same command resumes it).
     #[arg(long)]
     pub sweep_id: Option<String>,
@@ -114,4 +123,7 @@ pub struct StatusArgs {
     /// A file holding the sweep's token (else `$CT_TOKEN`, if set).
     #[arg(long, env = "CT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS to an https:// coordinator.
+    #[command(flatten)]
+    pub tls: ClientTlsFlags,
 }

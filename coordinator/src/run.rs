@@ -54,6 +54,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
     });
     let token = proto::auth::Token::configured(args.token_file.as_deref())?;
+    let tls = proto::tls::server_config(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_client_ca.as_deref(),
+    )?;
+    if tls.is_some() && args.local_workers.is_some_and(|n| n > 0) {
+        bail!(
+            "--tls-cert with --local-workers: local workers talk to the coordinator over \
+             loopback, without TLS; use TLS for remote workers"
+        );
+    }
+    let server = crate::server::builder(tls)?;
     if token.is_none() && !listen.ip().is_loopback() && !args.insecure_no_auth {
         bail!(
             "--listen {listen} is reachable beyond this machine, but no token is set: give one \
@@ -198,6 +210,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc = tokio::spawn(crate::server::serve_grpc(
+        server,
         listener,
         Service(shared.clone()),
         token,

@@ -7,8 +7,23 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::service::Service;
 
+/// The server, with TLS when configured. Building it checks the certificate and key, so
+/// call it before anything else starts.
+pub fn builder(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> anyhow::Result<tonic::transport::Server> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        None => Ok(builder),
+        Some(tls) => {
+            builder.tls_config(tls).map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))
+        }
+    }
+}
+
 /// Serves until `stop` turns true.
 pub async fn serve_grpc(
+    builder: tonic::transport::Server,
     listener: TcpListener,
     service: Service,
     token: Option<proto::auth::Token>,
@@ -24,7 +39,8 @@ pub async fn serve_grpc(
         coordinator,
         proto::auth::RequireToken(token),
     );
-    let result = tonic::transport::Server::builder()
+    let mut builder = builder;
+    let result = builder
         .add_service(health)
         .add_service(coordinator)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

@@ -9,8 +9,14 @@ use crate::cli::StatusArgs;
 /// Asks the coordinator at `args.coordinator` and prints its answer.
 pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let token = proto::auth::Token::configured(args.token_file.as_deref())?;
-    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
-        .with_context(|| format!("--coordinator {}", args.coordinator))?
+    let t = &args.tls;
+    let tls = proto::tls::client_config_if(
+        t.tls_ca.as_deref(),
+        t.tls_cert.as_deref(),
+        t.tls_key.as_deref(),
+    )?;
+    let channel = proto::tls::endpoint(&args.coordinator, tls)
+        .map_err(anyhow::Error::msg)?
         .connect()
         .await
         .with_context(|| format!("cannot reach a coordinator at {}", args.coordinator))?;

@@ -3,6 +3,7 @@
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
 pub mod auth;
+pub mod tls;
 
 /// Version 1 of the protocol.
 pub mod v1 {

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// A file holding the coordinator's token (else `$CT_TOKEN`, if set).
     #[arg(long, env = "CT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS to an https:// coordinator.
+    #[command(flatten)]
+    pub tls: common::flags::ClientTlsFlags,
     /// Where models named by URL are cached.
     #[arg(long, env = "CT_MODEL_CACHE")]
     pub cache: Option<PathBuf>,
@@ -63,6 +66,14 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let token = proto::auth::Token::configured(args.token_file.as_deref())?;
+    let t = &args.tls;
+    let tls = proto::tls::client_config_if(
+        t.tls_ca.as_deref(),
+        t.tls_cert.as_deref(),
+        t.tls_key.as_deref(),
+    )?;
+    // Checked now, so that a bad URL or TLS file fails before the model loads.
+    proto::tls::endpoint(&args.coordinator, tls.clone()).map_err(anyhow::Error::msg)?;
     let result = runtime.block_on(async {
         let cache = args.cache.clone().unwrap_or_else(default_cache);
         let path = local_model(&args.model, &cache).await?;
@@ -95,6 +106,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         let opts = ServeOptions {
             coordinator: args.coordinator.clone(),
             token,
+            tls,
             name,
             fingerprint,
             capabilities,

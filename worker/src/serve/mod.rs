@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use crate::load::LoadedModel;
@@ -29,6 +28,8 @@ pub struct ServeOptions {
     pub coordinator: String,
     /// The token sent with every request.
     pub token: Option<proto::auth::Token>,
+    /// TLS settings for an https:// coordinator.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// For the coordinator's logs.
     pub name: String,
     /// The model's fingerprint.
@@ -238,10 +239,8 @@ enum RegisterError {
 }
 
 async fn register(opts: &ServeOptions) -> Result<Session, RegisterError> {
-    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
-        .map_err(|e| {
-            RegisterError::Refused(anyhow::anyhow!("--coordinator {}: {e}", opts.coordinator))
-        })?
+    let endpoint = proto::tls::endpoint(&opts.coordinator, opts.tls.clone())
+        .map_err(|e| RegisterError::Refused(anyhow::anyhow!(e)))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     let channel =
