@@ -19,6 +19,10 @@ pub struct JobRows {
 }
 
 /// Checks `result` against its job and makes its rows.
+/// The most tokens a result may have: far beyond any prompt of a knowns dataset, and a
+/// bound on the rows one result can make.
+pub const MAX_TOKENS: usize = 4096;
+
 pub fn job_rows(
     fact: &KnownFact,
     layers: &Range<u32>,
@@ -27,6 +31,19 @@ pub fn job_rows(
     result: &proto::TraceResult,
 ) -> Result<JobRows, String> {
     let t_len = result.tokens.len();
+    if t_len > MAX_TOKENS {
+        return Err(format!("{t_len} tokens: more than the {MAX_TOKENS} a result may hold"));
+    }
+    let probability = |p: f32| (0.0..=1.0).contains(&p);
+    if !probability(result.high_score) || !probability(result.low_score) {
+        return Err(format!(
+            "high_score {} and low_score {} must be probabilities",
+            result.high_score, result.low_score
+        ));
+    }
+    if !(result.noise_level.is_finite() && result.noise_level >= 0.0) {
+        return Err(format!("noise_level {} is not a level", result.noise_level));
+    }
     if t_len == 0 || result.token_ids.len() != t_len {
         return Err(format!(
             "{} tokens and {} token ids",
@@ -54,6 +71,9 @@ pub fn job_rows(
             if !settings.kinds.contains(&kind) {
                 return Err(format!("kind {kind} was not asked for"));
             }
+            if result.scores.iter().filter(|t| t.kind == table.kind).count() > 1 {
+                return Err(format!("kind {kind} twice"));
+            }
             if table.scores.len() != t_len * width {
                 return Err(format!(
                     "{kind}: {} scores for {t_len} tokens × {width} layers",
@@ -61,8 +81,8 @@ pub fn job_rows(
                 ));
             }
             for (i, &score) in table.scores.iter().enumerate() {
-                if !score.is_finite() {
-                    return Err(format!("{kind}: score {i} is {score}"));
+                if !probability(score) {
+                    return Err(format!("{kind}: score {i} is {score}, not a probability"));
                 }
                 let (t, l) = (i / width, i % width);
                 traces.push(TraceRow {
@@ -165,6 +185,80 @@ mod tests {
         assert_eq!(first.fact.expect("fact row").relation_id.as_deref(), Some("P1"));
     }
 
+    /// One defect a hostile or broken worker could put into a well-formed result.
+    fn spoil(r: &mut proto::TraceResult, defect: usize, n_tokens: usize) {
+        match defect {
+            0 => r.scores[0].scores[0] = f32::NAN,
+            1 => r.scores[1].scores[0] = 1.5,
+            2 => drop(r.scores[0].scores.pop()),
+            3 => r.scores[1].kind = r.scores[0].kind.clone(),
+            4 => r.scores[0].kind = "resid".into(),
+            5 => r.subject_end = n_tokens as u32 + 1,
+            6 => r.token_ids.push(0),
+            7 => r.high_score = f32::NAN,
+            8 => r.traced = false,
+            9 => r.scores.push(r.scores[0].clone()),
+            _ => r.noise_level = -1.0,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Fuzzing the result check: a well-formed result for any job shape passes and
+        /// makes exactly one probability per (kind, token, layer); the same result with any
+        /// defects never passes, and nothing panics.
+        #[test]
+        fn only_well_formed_results_pass(
+            n_tokens in 1usize..7,
+            subject in (0usize..7, 0usize..7),
+            layer_start in 0u32..4,
+            width in 1u32..4,
+            swap_kinds in proptest::prelude::any::<bool>(),
+            values in proptest::collection::vec(0f32..=1.0, 2 * 6 * 3),
+            defects in proptest::collection::vec(0usize..11, 0..3),
+        ) {
+            let s0 = subject.0 % n_tokens;
+            let s1 = s0 + 1 + subject.1 % (n_tokens - s0);
+            let per_kind = n_tokens * width as usize;
+            let mut kinds = ["hidden", "mlp"];
+            if swap_kinds {
+                kinds.swap(0, 1);
+            }
+            let mut result = proto::TraceResult {
+                tokens: (0..n_tokens).map(|t| format!("t{t}")).collect(),
+                token_ids: (0..n_tokens as u32).collect(),
+                subject_start: s0 as u32,
+                subject_end: s1 as u32,
+                traced: true,
+                high_score: values[0],
+                low_score: values[1],
+                scores: kinds.iter().enumerate().map(|(k, kind)| proto::KindScores {
+                    kind: (*kind).into(),
+                    scores: values[k * per_kind..(k + 1) * per_kind].to_vec(),
+                }).collect(),
+                ..proto::TraceResult::default()
+            };
+            for &d in &defects {
+                spoil(&mut result, d, n_tokens);
+            }
+            let layers = layer_start..layer_start + width;
+            match job_rows(&fact(), &layers, &settings(), "m", &result) {
+                Ok(rows) => {
+                    proptest::prop_assert!(defects.is_empty(), "a spoiled result passed: {defects:?}");
+                    let mut seen = std::collections::HashSet::new();
+                    for r in &rows.traces {
+                        proptest::prop_assert!((0.0..=1.0).contains(&r.score));
+                        proptest::prop_assert!(layers.contains(&r.layer));
+                        proptest::prop_assert!((r.token as usize) < n_tokens);
+                        proptest::prop_assert!(seen.insert((r.kind, r.token, r.layer)));
+                    }
+                    proptest::prop_assert_eq!(rows.traces.len(), 2 * per_kind);
+                }
+                Err(_) => proptest::prop_assert!(!defects.is_empty(), "a well-formed result failed"),
+            }
+        }
+    }
+
     #[test]
     fn results_that_do_not_fit_their_job_are_refused() {
         let s = settings();
@@ -178,6 +272,19 @@ mod tests {
         let mut r = result(2);
         r.subject_end = 4;
         assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "subject outside");
+        let mut r = result(2);
+        r.scores[1].kind = "hidden".into();
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).expect_err("twice").contains("twice"));
+        let mut r = result(2);
+        r.scores[0].scores[0] = 1.5;
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "not a probability");
+        let mut r = result(2);
+        r.high_score = f32::INFINITY;
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "high score");
+        let mut r = result(2);
+        r.tokens = vec!["t".into(); MAX_TOKENS + 1];
+        r.token_ids = vec![0; MAX_TOKENS + 1];
+        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "too many tokens");
         let mut r = result(2);
         r.traced = false;
         assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "scores without a trace");
