@@ -7,6 +7,7 @@
 pub mod dataset;
 pub mod dataset_formats;
 pub mod error;
+pub mod faults;
 pub mod fingerprint;
 pub mod flags;
 pub mod lineplot;

@@ -148,6 +148,17 @@ impl Location {
         })
     }
 
+    /// The same location, with `plan`'s faults injected into its operations (drills and
+    /// tests); `injected` counts them.
+    pub fn with_faults(
+        self,
+        plan: crate::faults::FaultPlan,
+        injected: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        let store = crate::faults::FaultyStore::new(self.store, plan, injected);
+        Self { store: Arc::new(store), ..self }
+    }
+
     /// The location `name` below this one.
     pub fn child(&self, name: &str) -> Self {
         Self {

@@ -105,6 +105,14 @@ pub struct RunArgs {
     /// Commit as soon as this many trace rows are buffered.
     #[arg(long, default_value_t = 2_000_000)]
     pub flush_rows: usize,
+    /// How long commits may keep failing (retried with backoff; results stay buffered)
+    /// before the sweep stops, committed results intact, to be resumed (seconds).
+    #[arg(long, default_value_t = 600.0)]
+    pub storage_give_up_secs: f64,
+    /// Drills and tests: fail this share of the results store's operations
+    /// (`RATE[,after=N][,seed=S]`).
+    #[arg(long, hide = true)]
+    pub inject_storage_faults: Option<common::faults::FaultPlan>,
     /// After the sweep finishes, keep answering "finished" to workers this long (seconds);
     /// `inf` serves status, health and metrics until SIGTERM (a Kubernetes Deployment).
     #[arg(long, default_value_t = 2.0)]

@@ -36,6 +36,9 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     if !(args.lease_secs > 0.0 && args.flush_secs > 0.0 && args.linger_secs >= 0.0) {
         bail!("--lease-secs and --flush-secs must be positive, --linger-secs not negative");
     }
+    if !(args.storage_give_up_secs >= 0.0) {
+        bail!("--storage-give-up-secs must not be negative");
+    }
     if let Some(id) = &args.sweep_id {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
             bail!("--sweep-id {id:?}: use letters, digits, '.', '_' and '-'");
@@ -110,7 +113,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let sweep_id = args.sweep_id.clone().unwrap_or_else(|| settings.default_sweep_id());
     let root = Location::open(&args.out, true).with_context(|| format!("--out {}", args.out))?;
-    let out = root.child(&sweep_id);
+    let mut out = root.child(&sweep_id);
+    let injected = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(plan) = args.inject_storage_faults {
+        tracing::warn!(?plan, "injecting storage faults");
+        out = out.with_faults(plan, injected.clone());
+    }
 
     let previous = manifest::read(&out).await?;
     if let Some(m) = &previous {
@@ -263,7 +271,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Last commit, then the manifest; rows that cannot be written are lost only with a
     // storage failure, and then the jobs are simply redone by the next run.
-    let flushed = flush(&shared, &out, &mut info, state).await;
+    let flushed = flush_with_retries(&shared, &out, &mut info, state, &args).await;
+    if args.inject_storage_faults.is_some() {
+        eprintln!(
+            "storage faults injected: {}",
+            injected.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     if state == "finished" && args.linger_secs > 0.0 {
         // `inf` lingers until SIGTERM; any linger ends early on one.
         let linger = async {
@@ -309,6 +323,7 @@ async fn drive(
     let mut last_flush = Instant::now();
     let mut progress = Progress::new();
     let mut signals = Signals::new()?;
+    let mut storage = StorageHealth::new(args.storage_give_up_secs);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -329,9 +344,20 @@ async fn drive(
         }
         let buffered = shared.writer.with_buffer(|b| b.trace_rows());
         let calibrated_now = shared.writer.with_buffer(|b| b.calibration.is_some());
-        if buffered >= args.flush_rows || last_flush.elapsed() >= flush_every || calibrated_now {
-            flush(shared, out, info, "running").await?;
-            last_flush = Instant::now();
+        let due = buffered >= args.flush_rows || last_flush.elapsed() >= flush_every;
+        if (due || calibrated_now) && storage.may_try() {
+            match flush(shared, out, info, "running").await {
+                Ok(()) => {
+                    storage.succeeded();
+                    last_flush = Instant::now();
+                }
+                Err(e) => {
+                    if let Err(stop) = storage.failed(e) {
+                        progress.finish();
+                        return Err(stop);
+                    }
+                }
+            }
         }
         if let Some(message) = shared.fatal.get() {
             progress.finish();
@@ -367,6 +393,74 @@ async fn flush(
         manifest::write(out, &info.manifest(shared, state)).await?;
     }
     Ok(())
+}
+
+/// Commits retried with backoff while the store fails; results wait in the buffer (and
+/// workers keep working) until the failure has lasted `give_up`.
+struct StorageHealth {
+    give_up: Duration,
+    failing_since: Option<Instant>,
+    delay: Duration,
+    next_try: Instant,
+}
+
+impl StorageHealth {
+    const FIRST_DELAY: Duration = Duration::from_millis(250);
+    const MAX_DELAY: Duration = Duration::from_secs(30);
+
+    fn new(give_up_secs: f64) -> Self {
+        Self {
+            give_up: Duration::try_from_secs_f64(give_up_secs).unwrap_or(Duration::MAX),
+            failing_since: None,
+            delay: Self::FIRST_DELAY,
+            next_try: Instant::now(),
+        }
+    }
+
+    fn may_try(&self) -> bool {
+        Instant::now() >= self.next_try
+    }
+
+    fn succeeded(&mut self) {
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!("storage works again after {:.1} s", since.elapsed().as_secs_f64());
+        }
+        self.delay = Self::FIRST_DELAY;
+    }
+
+    /// Records a failed commit; an error once failures have lasted too long.
+    fn failed(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.give_up {
+            return Err(e.context(format!(
+                "committing results has failed for {:.0} s (--storage-give-up-secs); everything \
+                 committed before is safe: run the same command again to resume",
+                since.elapsed().as_secs_f64()
+            )));
+        }
+        tracing::warn!("committing failed, retrying in {:?}: {e:#}", self.delay);
+        self.next_try = Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(Self::MAX_DELAY);
+        Ok(())
+    }
+}
+
+/// The last commit, retried like any other.
+async fn flush_with_retries(
+    shared: &Shared,
+    out: &Location,
+    info: &mut ManifestInfo<'_>,
+    state: &str,
+    args: &RunArgs,
+) -> anyhow::Result<()> {
+    let mut storage = StorageHealth::new(args.storage_give_up_secs);
+    loop {
+        match flush(shared, out, info, state).await {
+            Ok(()) => return Ok(()),
+            Err(e) => storage.failed(e)?,
+        }
+        tokio::time::sleep_until(storage.next_try.into()).await;
+    }
 }
 
 /// What the manifest needs besides the shared state.

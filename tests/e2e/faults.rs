@@ -284,3 +284,63 @@ fn health_metrics_and_status_answer_while_waiting_for_workers() {
     );
     assert_eq!(manifest(&sweep_dir(&out))["state"], "running");
 }
+
+fn storage_fault_args(out: &Path, faults: &str) -> Vec<String> {
+    let mut a = coordinator_args(out, free_port(), "10");
+    a.extend(args(&["--local-workers", "2", "--worker-threads", "1", "--worker-bin"]));
+    a.push(bin("worker").display().to_string());
+    a.extend(args(&["--inject-storage-faults", faults]));
+    a
+}
+
+#[test]
+fn storage_faults_are_retried_and_nothing_is_lost() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    // A third of the store's operations fail once the sweep is under way.
+    let run = storage_fault_args(&out, "0.33,after=12,seed=3");
+    let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
+    assert!(coordinator.wait(Duration::from_secs(180)).success(), "{}", coordinator.stderr());
+    let log = coordinator.stderr();
+    let injected: u64 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("storage faults injected: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fault count in {log}"));
+    assert!(injected >= 3, "{injected} faults injected");
+    assert!(log.contains("committing failed, retrying"), "{log}");
+    let dir = sweep_dir(&out);
+    assert_eq!(manifest(&dir)["state"], "finished");
+    let tables = read_tables(&dir);
+    assert_eq!(tables.facts.len(), 30);
+    tables.assert_exactly_once(3, 3);
+}
+
+#[test]
+fn a_store_that_fails_for_good_stops_the_sweep_and_resume_recovers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    let mut run = storage_fault_args(&out, "1,after=30");
+    run.extend(args(&["--storage-give-up-secs", "1"]));
+    let mut broken = Proc::start(&bin("coordinator"), &run, tmp.path(), "broken");
+    assert!(!broken.wait(Duration::from_secs(180)).success(), "the sweep stops");
+    let log = broken.stderr();
+    assert!(log.contains("committing results has failed") && log.contains("resume"), "{log}");
+    let dir = sweep_dir(&out);
+    let committed = std::fs::read_dir(dir.join("_journal")).map_or(0, |d| d.count());
+    assert!(committed >= 1, "some commits went through before the store broke");
+
+    let healthy: Vec<String> = {
+        let i = run.iter().position(|a| a == "--inject-storage-faults").expect("flag");
+        let mut r = run.clone();
+        r.drain(i..i + 2);
+        r
+    };
+    let mut resumed = Proc::start(&bin("coordinator"), &healthy, tmp.path(), "resumed");
+    assert!(resumed.wait(Duration::from_secs(180)).success(), "{}", resumed.stderr());
+    assert!(resumed.stderr().contains("resuming sweep"), "{}", resumed.stderr());
+    assert_eq!(manifest(&dir)["state"], "finished");
+    let tables = read_tables(&dir);
+    assert_eq!(tables.facts.len(), 30);
+    tables.assert_exactly_once(3, 3);
+}
