@@ -68,3 +68,12 @@ pub struct ClientTlsFlags {
     #[arg(long, env = "CT_TLS_KEY")]
     pub tls_key: Option<std::path::PathBuf>,
 }
+
+impl ClientTlsFlags {
+    /// The CA, certificate and key files, as given.
+    pub fn paths(
+        &self,
+    ) -> (Option<&std::path::Path>, Option<&std::path::Path>, Option<&std::path::Path>) {
+        (self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
+    }
+}

@@ -9,12 +9,8 @@ use crate::cli::StatusArgs;
 /// Asks the coordinator at `args.coordinator` and prints its answer.
 pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let token = proto::auth::Token::configured(args.token_file.as_deref())?;
-    let t = &args.tls;
-    let tls = proto::tls::client_config_if(
-        t.tls_ca.as_deref(),
-        t.tls_cert.as_deref(),
-        t.tls_key.as_deref(),
-    )?;
+    let (ca, cert, key) = args.tls.paths();
+    let tls = proto::tls::client_config_if(ca, cert, key)?;
     let channel = proto::tls::endpoint(&args.coordinator, tls)
         .map_err(anyhow::Error::msg)?
         .connect()

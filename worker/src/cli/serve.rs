@@ -66,12 +66,8 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let token = proto::auth::Token::configured(args.token_file.as_deref())?;
-    let t = &args.tls;
-    let tls = proto::tls::client_config_if(
-        t.tls_ca.as_deref(),
-        t.tls_cert.as_deref(),
-        t.tls_key.as_deref(),
-    )?;
+    let (ca, cert, key) = args.tls.paths();
+    let tls = proto::tls::client_config_if(ca, cert, key)?;
     // Checked now, so that a bad URL or TLS file fails before the model loads.
     proto::tls::endpoint(&args.coordinator, tls.clone()).map_err(anyhow::Error::msg)?;
     let result = runtime.block_on(async {
