@@ -36,7 +36,7 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     if !(args.lease_secs > 0.0 && args.flush_secs > 0.0 && args.linger_secs >= 0.0) {
         bail!("--lease-secs and --flush-secs must be positive, --linger-secs not negative");
     }
-    if !(args.storage_give_up_secs >= 0.0) {
+    if args.storage_give_up_secs.is_nan() || args.storage_give_up_secs < 0.0 {
         bail!("--storage-give-up-secs must not be negative");
     }
     if let Some(id) = &args.sweep_id {
