@@ -1,8 +1,8 @@
 //! Workers are not trusted: over the real gRPC protocol, a registered worker cannot hand in
 //! a job it does not hold (another's lease, a stale lease id, a job never leased, an expired
 //! lease), a duplicate hand-in changes nothing, a malformed result is refused before anything
-//! is written, and an unknown worker id is told to register. The honest results that follow
-//! are in the tables exactly once.
+//! is written, an oversized message is refused, and an unknown worker id is told to
+//! register. The honest results that follow are in the tables exactly once.
 
 use std::time::Duration;
 
@@ -93,6 +93,7 @@ fn only_the_lease_holder_hands_in_and_only_well_formed_results() {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
+        let c_channel = channel.clone();
         let mut c = CoordinatorClient::new(channel);
         let a = register(&mut c, "a", &fp).await;
         let b = register(&mut c, "b", &fp).await;
@@ -145,6 +146,19 @@ fn only_the_lease_holder_hands_in_and_only_well_formed_results() {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let late = completion(&b, &job.job_id, job.lease_id, fake_result(&work));
         assert!(refused(c.complete(late).await), "after the lease expired");
+
+        // An oversized message (over the protocol's 64 MiB) is refused, and the
+        // coordinator goes on.
+        let mut huge = fake_result(&work);
+        huge.tokens = vec!["x".repeat(1 << 20); 65];
+        let mut big =
+            CoordinatorClient::new(c_channel.clone()).max_encoding_message_size(usize::MAX);
+        let status = big
+            .complete(completion(&b, &job.job_id, job.lease_id, huge))
+            .await
+            .expect_err("oversized");
+        let codes = [tonic::Code::OutOfRange, tonic::Code::ResourceExhausted];
+        assert!(codes.contains(&status.code()), "{status:?}");
 
         // Honest work finishes the sweep.
         loop {

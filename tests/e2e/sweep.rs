@@ -177,8 +177,16 @@ fn broken_records_become_errors_and_the_rest_is_traced() {
         line(&records[0]),
     ];
     lines.extend(records[2..7].iter().map(line));
+    // Record 11: a prompt longer than the tiny model's 128 positions (its tokenizer is
+    // byte-level); record 12: not UTF-8.
+    let long = format!("Paris {}is in", "and so on ".repeat(15));
+    lines.push(line(&serde_json::json!({
+        "known_id": 9003, "subject": "Paris", "attribute": "France", "prompt": long,
+    })));
+    let mut bytes = lines.join("\n").into_bytes();
+    bytes.extend_from_slice(b"\n{\"known_id\": 9004, \"subject\": \"\xff\xfe\"}\n");
     let dataset = tmp.path().join("broken.jsonl");
-    std::fs::write(&dataset, lines.join("\n")).expect("write dataset");
+    std::fs::write(&dataset, bytes).expect("write dataset");
     let out = tmp.path().join("out");
     let run = args(&[
         "run",
@@ -209,6 +217,14 @@ fn broken_records_become_errors_and_the_rest_is_traced() {
         .map(|e| (e.record, e.known_id, e.stage.clone(), e.message.clone()))
         .collect();
     errors.sort();
+    // The prompt too long for the model fails its job for good, named, and nothing else.
+    let too_long = errors.iter().position(|e| e.1 == Some(9003)).expect("9003's error");
+    let too_long = errors.remove(too_long);
+    assert!(too_long.3.contains("exceed the model's 128 positions"), "{too_long:?}");
+    assert_ne!(too_long.2, "dataset");
+    let not_utf8 = errors.pop().expect("record 12's error");
+    assert_eq!(not_utf8.0, Some(12));
+    assert!(not_utf8.3.contains("not JSON"), "{not_utf8:?}");
     assert_eq!(errors.len(), 4, "{errors:?}");
     assert_eq!((errors[0].0, errors[0].1), (Some(1), Some(9001)));
     assert!(errors[0].3.contains("missing field `attribute`"), "{errors:?}");
