@@ -187,9 +187,14 @@ mod tests {
 
     /// One defect a hostile or broken worker could put into a well-formed result.
     fn spoil(r: &mut proto::TraceResult, defect: usize, n_tokens: usize) {
+        // An earlier defect may have emptied a table: then the bad score is appended.
+        let set_first = |scores: &mut Vec<f32>, bad: f32| match scores.first_mut() {
+            Some(first) => *first = bad,
+            None => scores.push(bad),
+        };
         match defect {
-            0 => r.scores[0].scores[0] = f32::NAN,
-            1 => r.scores[1].scores[0] = 1.5,
+            0 => set_first(&mut r.scores[0].scores, f32::NAN),
+            1 => set_first(&mut r.scores[1].scores, 1.5),
             2 => drop(r.scores[0].scores.pop()),
             3 => r.scores[1].kind = r.scores[0].kind.clone(),
             4 => r.scores[0].kind = "resid".into(),
