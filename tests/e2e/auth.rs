@@ -6,48 +6,18 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{Proc, args, bin, fixture, free_port, knowns_path, manifest, sweep_dir, wait_until};
+use e2e::{
+    Proc, args, bin, free_port, manifest, sweep_dir, tiny_sweep_args, tiny_worker_args, wait_until,
+};
 
 const TOKEN: &str = "s3cret-0123456789";
 
 fn run_args(out: &Path, listen: &str) -> Vec<String> {
-    args(&[
-        "run",
-        "--knowns",
-        knowns_path().to_str().expect("utf8"),
-        "--model",
-        fixture("tiny/llama").to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--listen",
-        listen,
-        "--limit",
-        "4",
-        "--correctness",
-        "none",
-        "--samples",
-        "2",
-        "--window",
-        "3",
-        "--flush-secs",
-        "0.3",
-        "--linger-secs",
-        "2",
-    ])
+    tiny_sweep_args(out, listen, 4)
 }
 
 fn worker_args(port: u16, tag: &str) -> Vec<String> {
-    args(&[
-        "serve",
-        "--coordinator",
-        &format!("http://127.0.0.1:{port}"),
-        "--model",
-        fixture("tiny/llama").to_str().expect("utf8"),
-        "--threads",
-        "1",
-        "--name",
-        tag,
-    ])
+    tiny_worker_args(&format!("http://127.0.0.1:{port}"), tag)
 }
 
 /// `coordinator status --json` with `env`: its exit status, stdout and stderr.

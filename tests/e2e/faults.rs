@@ -5,55 +5,22 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e::{
-    Proc, args, bin, fixture, free_port, knowns_path, manifest, read_tables, status, sweep_dir,
-    wait_until,
+    Proc, args, bin, fixture, free_port, manifest, read_tables, status, sweep_dir, tiny_sweep_args,
+    tiny_worker_args, wait_until,
 };
 
 /// `lease` is short where a test waits for a dead worker's lease to expire, and long where a
 /// spurious expiry (heartbeats delayed on a loaded machine) would break what it checks.
 fn coordinator_args(out: &Path, port: u16, lease: &str) -> Vec<String> {
-    args(&[
-        "run",
-        "--knowns",
-        knowns_path().to_str().expect("utf8"),
-        "--model",
-        fixture("tiny/llama").to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--limit",
-        "30",
-        "--correctness",
-        "none",
-        "--samples",
-        "2",
-        "--window",
-        "3",
-        "--lease-secs",
-        lease,
-        "--flush-secs",
-        "0.3",
-        "--linger-secs",
-        "3",
-    ])
+    let mut a = tiny_sweep_args(out, &format!("127.0.0.1:{port}"), 30);
+    a.extend(args(&["--lease-secs", lease]));
+    a
 }
 
 /// A remote worker whose jobs take at least `delay_ms`, so the test can catch them in flight.
 fn worker(port: u16, dir: &Path, tag: &str, delay_ms: u64) -> Proc {
-    let a = args(&[
-        "serve",
-        "--coordinator",
-        &format!("http://127.0.0.1:{port}"),
-        "--model",
-        fixture("tiny/llama").to_str().expect("utf8"),
-        "--threads",
-        "1",
-        "--job-delay-ms",
-        &delay_ms.to_string(),
-        "--name",
-        tag,
-    ]);
+    let mut a = tiny_worker_args(&format!("http://127.0.0.1:{port}"), tag);
+    a.extend(args(&["--job-delay-ms", &delay_ms.to_string()]));
     Proc::start(&bin("worker"), &a, dir, tag)
 }
 
@@ -134,21 +101,8 @@ fn sigterm(proc: &Proc) {
 }
 
 fn worker_with_grace(port: u16, dir: &Path, tag: &str, delay_ms: u64, grace: &str) -> Proc {
-    let a = args(&[
-        "serve",
-        "--coordinator",
-        &format!("http://127.0.0.1:{port}"),
-        "--model",
-        fixture("tiny/llama").to_str().expect("utf8"),
-        "--threads",
-        "1",
-        "--job-delay-ms",
-        &delay_ms.to_string(),
-        "--grace-secs",
-        grace,
-        "--name",
-        tag,
-    ]);
+    let mut a = tiny_worker_args(&format!("http://127.0.0.1:{port}"), tag);
+    a.extend(args(&["--job-delay-ms", &delay_ms.to_string(), "--grace-secs", grace]));
     Proc::start(&bin("worker"), &a, dir, tag)
 }
 

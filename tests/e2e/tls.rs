@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{Proc, args, bin, fixture, free_port, knowns_path, manifest, sweep_dir, wait_until};
+use e2e::{
+    Proc, args, bin, free_port, manifest, sweep_dir, tiny_sweep_args, tiny_worker_args, wait_until,
+};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM
@@ -34,29 +36,7 @@ fn certificates(dir: &Path) -> [PathBuf; 5] {
 }
 
 fn coordinator_args(out: &Path, port: u16, tls: &[&Path]) -> Vec<String> {
-    let mut a = args(&[
-        "run",
-        "--knowns",
-        knowns_path().to_str().expect("utf8"),
-        "--model",
-        fixture("tiny/llama").to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--limit",
-        "3",
-        "--correctness",
-        "none",
-        "--samples",
-        "2",
-        "--window",
-        "3",
-        "--flush-secs",
-        "0.3",
-        "--linger-secs",
-        "2",
-    ]);
+    let mut a = tiny_sweep_args(out, &format!("127.0.0.1:{port}"), 3);
     for (flag, path) in ["--tls-cert", "--tls-key", "--tls-client-ca"].iter().zip(tls) {
         a.push((*flag).to_string());
         a.push(path.display().to_string());
@@ -65,9 +45,8 @@ fn coordinator_args(out: &Path, port: u16, tls: &[&Path]) -> Vec<String> {
 }
 
 fn worker(url: &str, tls: &[(&str, &Path)], dir: &Path, tag: &str) -> Proc {
-    let mut a = args(&["serve", "--coordinator", url, "--model"]);
-    a.push(fixture("tiny/llama").display().to_string());
-    a.extend(args(&["--threads", "1", "--give-up-secs", "4", "--name", tag]));
+    let mut a = tiny_worker_args(url, tag);
+    a.extend(args(&["--give-up-secs", "4"]));
     for (flag, path) in tls {
         a.push((*flag).to_string());
         a.push(path.display().to_string());

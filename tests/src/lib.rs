@@ -285,3 +285,27 @@ pub fn manifest(dir: &Path) -> serde_json::Value {
 pub fn args(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
+
+/// `coordinator run` over the first `limit` known facts on the tiny Llama fixture, with
+/// small settings (every fact traced, 2 samples, window 3, commits every 0.3 s, 3 s of
+/// linger for the workers to hear "finished"), listening on `listen`.
+pub fn tiny_sweep_args(out: &Path, listen: &str, limit: u32) -> Vec<String> {
+    let mut a = args(&["run", "--knowns"]);
+    a.push(knowns_path().display().to_string());
+    a.push("--model".into());
+    a.push(fixture("tiny/llama").display().to_string());
+    a.push("--out".into());
+    a.push(out.display().to_string());
+    a.extend(args(&["--listen", listen, "--limit", &limit.to_string()]));
+    a.extend(args(&["--correctness", "none", "--samples", "2", "--window", "3"]));
+    a.extend(args(&["--flush-secs", "0.3", "--linger-secs", "3"]));
+    a
+}
+
+/// `worker serve` with one thread on the tiny Llama fixture, against `url`, named `tag`.
+pub fn tiny_worker_args(url: &str, tag: &str) -> Vec<String> {
+    let mut a = args(&["serve", "--coordinator", url, "--model"]);
+    a.push(fixture("tiny/llama").display().to_string());
+    a.extend(args(&["--threads", "1", "--name", tag]));
+    a
+}
