@@ -71,7 +71,7 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Completion {
     /// From the holder of the job's live lease: keep the result.
-    Accepted(JobSpec),
+    Accepted,
     /// The job is done already (a retried or duplicate hand-in): drop it, nothing is wrong.
     AlreadyDone,
     /// Not from the holder of a live lease (never leased to this worker, expired, or leased
@@ -250,19 +250,19 @@ impl Scheduler {
             Status::Leased { worker: w, lease_id: l, deadline }
                 if w == worker && *l == lease_id && *deadline > now =>
             {
-                Completion::Accepted(self.finish(i))
+                self.finish(i);
+                Completion::Accepted
             }
             _ => Completion::NotHeld,
         }
     }
 
-    fn finish(&mut self, i: usize) -> JobSpec {
+    fn finish(&mut self, i: usize) {
         let state = &mut self.jobs[i];
         state.status = Status::Done;
         if state.spec.work == Work::Calibration {
             self.calibrating = false;
         }
-        state.spec.clone()
     }
 
     /// A failed try of `job` by `worker` under `lease_id`. A release (the worker shuts down)
@@ -422,10 +422,7 @@ mod tests {
         let cal = leased(s.lease(&w, now));
         assert_eq!(cal.spec.work, Work::Calibration);
         assert_eq!(s.lease(&w, now), LeaseOutcome::Wait);
-        assert!(matches!(
-            s.complete(&w, "calibration", cal.lease_id, now),
-            Completion::Accepted(_)
-        ));
+        assert!(matches!(s.complete(&w, "calibration", cal.lease_id, now), Completion::Accepted));
         assert_eq!(leased(s.lease(&w, now)).spec.id, "0:0-2");
     }
 
@@ -480,10 +477,7 @@ mod tests {
         let again = leased(s.lease(&b, t1));
         assert_eq!(lease.spec, again.spec);
         assert_eq!(s.complete(&a, &lease.spec.id, lease.lease_id, t1), Completion::NotHeld);
-        assert!(matches!(
-            s.complete(&b, &again.spec.id, again.lease_id, t1),
-            Completion::Accepted(_)
-        ));
+        assert!(matches!(s.complete(&b, &again.spec.id, again.lease_id, t1), Completion::Accepted));
         // A duplicate hand-in is harmless.
         assert_eq!(s.complete(&b, &again.spec.id, again.lease_id, t1), Completion::AlreadyDone);
         assert_eq!(s.counts(t1).done, 2);

@@ -23,7 +23,7 @@ pub fn builder(
 
 /// Serves until `stop` turns true.
 pub async fn serve_grpc(
-    builder: tonic::transport::Server,
+    mut builder: tonic::transport::Server,
     listener: TcpListener,
     service: Service,
     token: Option<proto::auth::Token>,
@@ -39,7 +39,6 @@ pub async fn serve_grpc(
         coordinator,
         proto::auth::RequireToken(token),
     );
-    let mut builder = builder;
     let result = builder
         .add_service(health)
         .add_service(coordinator)

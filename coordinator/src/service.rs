@@ -439,7 +439,7 @@ fn accept_trace(
 /// hold is either slow, its lease having expired, or not to be trusted).
 fn accepted(completion: Completion, worker: &str, job: &str) -> bool {
     match completion {
-        Completion::Accepted(_) => true,
+        Completion::Accepted => true,
         Completion::AlreadyDone => false,
         Completion::NotHeld => {
             tracing::warn!(worker, job, "refused a result: the worker holds no live lease on it");

@@ -43,14 +43,21 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn read_pem(flag: &'static str, path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+/// A PEM file holding a certificate, as named in messages and found by its block marker.
+const CERTIFICATE: (&str, &[u8]) = ("certificate", b"-----BEGIN CERTIFICATE-----");
+/// A PEM file holding a private key (PKCS#8, RSA or EC: all end their marker so).
+const PRIVATE_KEY: (&str, &[u8]) = ("private key", b"PRIVATE KEY-----");
+
+fn read_pem(
+    flag: &'static str,
+    path: &Path,
+    (what, marker): (&'static str, &[u8]),
+) -> Result<Vec<u8>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
         flag,
         path: path.display().to_string(),
         source,
     })?;
-    let marker: &[u8] =
-        if what == "private key" { b"PRIVATE KEY-----" } else { b"-----BEGIN CERTIFICATE-----" };
     if !bytes.windows(marker.len()).any(|w| w == marker) {
         return Err(TlsError::NotPem { flag, path: path.display().to_string(), what });
     }
@@ -74,15 +81,15 @@ pub fn server_config(
         _ => return Err(TlsError::Incomplete("--tls-cert and --tls-key go together")),
     };
     let identity = Identity::from_pem(
-        read_pem("--tls-cert", cert, "certificate")?,
-        read_pem("--tls-key", key, "private key")?,
+        read_pem("--tls-cert", cert, CERTIFICATE)?,
+        read_pem("--tls-key", key, PRIVATE_KEY)?,
     );
     let mut config = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = client_ca {
         config = config.client_ca_root(Certificate::from_pem(read_pem(
             "--tls-client-ca",
             ca,
-            "certificate",
+            CERTIFICATE,
         )?));
     }
     Ok(Some(config))
@@ -99,14 +106,14 @@ pub fn client_config(
     let mut config = ClientTlsConfig::new();
     config = match ca {
         Some(ca) => {
-            config.ca_certificate(Certificate::from_pem(read_pem("--tls-ca", ca, "certificate")?))
+            config.ca_certificate(Certificate::from_pem(read_pem("--tls-ca", ca, CERTIFICATE)?))
         }
         None => config.with_webpki_roots(),
     };
     match (cert, key) {
         (Some(c), Some(k)) => Ok(config.identity(Identity::from_pem(
-            read_pem("--tls-cert", c, "certificate")?,
-            read_pem("--tls-key", k, "private key")?,
+            read_pem("--tls-cert", c, CERTIFICATE)?,
+            read_pem("--tls-key", k, PRIVATE_KEY)?,
         ))),
         (None, None) => Ok(config),
         _ => Err(TlsError::Incomplete("--tls-cert and --tls-key go together")),
