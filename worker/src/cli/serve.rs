@@ -68,8 +68,8 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let token = proto::auth::Token::configured(args.token_file.as_deref())?;
     let (ca, cert, key) = args.tls.paths();
     let tls = proto::tls::client_config_if(ca, cert, key)?;
-    // Checked now, so that a bad URL or TLS file fails before the model loads.
-    proto::tls::endpoint(&args.coordinator, tls.clone()).map_err(anyhow::Error::msg)?;
+    // Made now, so that a bad URL or TLS file fails before the model loads.
+    let coordinator = proto::tls::endpoint(&args.coordinator, tls).map_err(anyhow::Error::msg)?;
     let result = runtime.block_on(async {
         let cache = args.cache.clone().unwrap_or_else(default_cache);
         let path = local_model(&args.model, &cache).await?;
@@ -100,9 +100,8 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             format!("{host}-{}", std::process::id())
         });
         let opts = ServeOptions {
-            coordinator: args.coordinator.clone(),
+            coordinator,
             token,
-            tls,
             name,
             fingerprint,
             capabilities,

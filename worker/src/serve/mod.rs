@@ -24,12 +24,10 @@ use crate::load::LoadedModel;
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// The coordinator's URL.
-    pub coordinator: String,
+    /// The coordinator: its URL, with TLS when it is https://.
+    pub coordinator: tonic::transport::Endpoint,
     /// The token sent with every request.
     pub token: Option<proto::auth::Token>,
-    /// TLS settings for an https:// coordinator.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// For the coordinator's logs.
     pub name: String,
     /// The model's fingerprint.
@@ -239,10 +237,8 @@ enum RegisterError {
 }
 
 async fn register(opts: &ServeOptions) -> Result<Session, RegisterError> {
-    let endpoint = proto::tls::endpoint(&opts.coordinator, opts.tls.clone())
-        .map_err(|e| RegisterError::Refused(anyhow::anyhow!(e)))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+    let endpoint =
+        opts.coordinator.clone().connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
     let channel =
         endpoint.connect().await.map_err(|e| RegisterError::Unreachable(e.to_string()))?;
     let mut client = proto::auth::client(channel, opts.token.clone());
