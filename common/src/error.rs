@@ -28,9 +28,15 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// An object store could not be opened, read or written.
+    /// An object store could not be opened, read or written, and trying again will not help
+    /// (a bad URL, a missing object, no permission).
     #[error("storage: {0}")]
     Storage(String),
+    /// An object-store operation failed in a way a later try may not: the store was
+    /// unreachable, timed out or answered with a server error, after the store's own
+    /// retries. See [`crate::retry`].
+    #[error("storage: {0}")]
+    StorageTransient(String),
     /// A Parquet table could not be written or read.
     #[error("parquet {what}: {message}")]
     Parquet {
@@ -39,6 +45,13 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+}
+
+impl Error {
+    /// Whether a later try may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::StorageTransient(_))
+    }
 }
 
 /// `Result` with [`Error`].

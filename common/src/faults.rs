@@ -1,6 +1,10 @@
 //! Fault injection for storage (tests and drills only): an object store that fails a chosen
 //! share of its operations, deterministically from a seed, so that a run with faults can be
 //! repeated exactly. `Location::with_faults` wraps any store in it.
+//!
+//! A failed write either never happened or happened with its reply lost (the store wrote
+//! it, the caller sees an error), as with a connection that drops after the request went
+//! out; the second kind is what makes retried writes prove they are idempotent.
 
 use std::fmt;
 use std::ops::Range;
@@ -27,26 +31,29 @@ pub struct FaultPlan {
     pub after: u64,
     /// Seed of the decisions.
     pub seed: u64,
+    /// Share of failing writes (put, copy, delete) that are done before the error is
+    /// returned, in [0, 1].
+    pub lost: f64,
 }
 
 impl std::str::FromStr for FaultPlan {
     type Err = String;
 
-    /// `RATE[,after=N][,seed=S]`, e.g. `0.2` or `1,after=40`.
+    /// `RATE[,after=N][,seed=S][,lost=P]`, e.g. `0.2` or `1,after=40` or `0.1,lost=0.5`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let share = |v: &str| v.trim().parse().ok().filter(|r: &f64| (0.0..=1.0).contains(r));
         let mut parts = s.split(',');
-        let rate: f64 = parts
-            .next()
-            .and_then(|r| r.trim().parse().ok())
-            .filter(|r: &f64| (0.0..=1.0).contains(r))
-            .ok_or_else(|| format!("{s:?}: expected RATE[,after=N][,seed=S], RATE in [0, 1]"))?;
-        let mut plan = Self { rate, after: 0, seed: 0 };
+        let rate = parts.next().and_then(share).ok_or_else(|| {
+            format!("{s:?}: expected RATE[,after=N][,seed=S][,lost=P], RATE in [0, 1]")
+        })?;
+        let mut plan = Self { rate, after: 0, seed: 0, lost: 0.0 };
         for part in parts {
             let (key, value) = part.split_once('=').ok_or_else(|| format!("{s:?}: {part:?}"))?;
-            let value: u64 = value.trim().parse().map_err(|_| format!("{s:?}: {part:?}"))?;
+            let bad = || format!("{s:?}: {part:?}");
             match key.trim() {
-                "after" => plan.after = value,
-                "seed" => plan.seed = value,
+                "after" => plan.after = value.trim().parse().map_err(|_| bad())?,
+                "seed" => plan.seed = value.trim().parse().map_err(|_| bad())?,
+                "lost" => plan.lost = share(value).ok_or_else(bad)?,
                 other => return Err(format!("{s:?}: unknown key {other:?}")),
             }
         }
@@ -69,26 +76,70 @@ impl FaultyStore {
         Self { inner, plan, operations: AtomicU64::new(0), injected }
     }
 
-    fn check(&self, what: &str, location: &str) -> Result<()> {
+    /// Decides the fate of the next operation.
+    fn draw(&self) -> Fate {
         let n = self.operations.fetch_add(1, Ordering::Relaxed);
         if n < self.plan.after {
-            return Ok(());
+            return Fate::Succeed;
         }
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&self.plan.seed.to_le_bytes());
         key[8..].copy_from_slice(&n.to_le_bytes());
         let hash = blake3::hash(&key);
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&hash.as_bytes()[..8]);
-        let draw = u64::from_le_bytes(first) as f64 / u64::MAX as f64;
-        if draw < self.plan.rate {
-            self.injected.fetch_add(1, Ordering::Relaxed);
-            return Err(object_store::Error::Generic {
-                store: "fault injection",
-                source: format!("injected fault #{n}: {what} {location}").into(),
-            });
+        let unit = |bytes: &[u8]| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(bytes);
+            u64::from_le_bytes(word) as f64 / u64::MAX as f64
+        };
+        if unit(&hash.as_bytes()[..8]) >= self.plan.rate {
+            return Fate::Succeed;
         }
-        Ok(())
+        self.injected.fetch_add(1, Ordering::Relaxed);
+        if unit(&hash.as_bytes()[8..16]) < self.plan.lost {
+            Fate::LoseReply(n)
+        } else {
+            Fate::Fail(n)
+        }
+    }
+
+    /// For reads and other operations whose repetition is harmless: a fault is a failure.
+    fn check(&self, what: &str, location: &str) -> Result<()> {
+        match self.draw() {
+            Fate::Succeed => Ok(()),
+            Fate::Fail(n) | Fate::LoseReply(n) => Err(fault(n, what, location)),
+        }
+    }
+
+    /// For writes: a fault fails before the write, or after it with the reply lost.
+    async fn write<T>(
+        &self,
+        what: &str,
+        location: &str,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match self.draw() {
+            Fate::Succeed => op.await,
+            Fate::Fail(n) => Err(fault(n, what, location)),
+            Fate::LoseReply(n) => {
+                op.await?;
+                Err(fault(n, &format!("{what} (done, reply lost)"), location))
+            }
+        }
+    }
+}
+
+enum Fate {
+    Succeed,
+    Fail(u64),
+    LoseReply(u64),
+}
+
+/// An injected error; the message says so, for the logs of a drill.
+fn fault(n: u64, what: &str, location: &str) -> object_store::Error {
+    tracing::warn!("storage fault injected: #{n} {what} {location}");
+    object_store::Error::Generic {
+        store: "fault injection",
+        source: format!("injected fault #{n}: {what} {location}").into(),
     }
 }
 
@@ -106,8 +157,7 @@ impl ObjectStore for FaultyStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        self.check("put", location.as_ref())?;
-        self.inner.put_opts(location, payload, opts).await
+        self.write("put", location.as_ref(), self.inner.put_opts(location, payload, opts)).await
     }
 
     async fn put_multipart_opts(
@@ -152,8 +202,7 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.check("copy", to.as_ref())?;
-        self.inner.copy_opts(from, to, options).await
+        self.write("copy", to.as_ref(), self.inner.copy_opts(from, to, options)).await
     }
 }
 
@@ -165,8 +214,10 @@ mod tests {
     #[tokio::test]
     async fn the_plan_decides_which_operations_fail() {
         let plan: FaultPlan = "0.5,after=3,seed=7".parse().expect("plan");
-        assert_eq!(plan, FaultPlan { rate: 0.5, after: 3, seed: 7 });
-        assert!("2".parse::<FaultPlan>().is_err() && "0.1,later=2".parse::<FaultPlan>().is_err());
+        assert_eq!(plan, FaultPlan { rate: 0.5, after: 3, seed: 7, lost: 0.0 });
+        for bad in ["2", "0.1,later=2", "0.1,lost=1.5", "0.1,after=-1"] {
+            assert!(bad.parse::<FaultPlan>().is_err(), "{bad}");
+        }
         let run = || async {
             let injected = Arc::new(AtomicU64::new(0));
             let inner = Arc::new(object_store::memory::InMemory::new());
@@ -183,5 +234,18 @@ mod tests {
         assert_eq!(first.iter().filter(|ok| !**ok).count() as u64, injected);
         assert!((70..130).contains(&injected), "about half of 197: {injected}");
         assert_eq!(run().await.0, first, "the same seed fails the same operations");
+    }
+
+    #[tokio::test]
+    async fn a_lost_reply_is_a_write_that_happened() {
+        let plan: FaultPlan = "1,lost=1".parse().expect("plan");
+        let inner = Arc::new(object_store::memory::InMemory::new());
+        let store = FaultyStore::new(inner.clone(), plan, Arc::new(AtomicU64::new(0)));
+        let path = Path::from("f");
+        let err = store.put(&path, Bytes::from_static(b"x").into()).await.expect_err("a fault");
+        assert!(err.to_string().contains("reply lost"), "{err}");
+        let landed = inner.get(&path).await.expect("the write happened").bytes().await;
+        assert_eq!(landed.expect("bytes"), Bytes::from_static(b"x"));
+        assert!(store.get(&path).await.is_err(), "reads fail without side effects");
     }
 }

@@ -13,6 +13,7 @@ pub mod flags;
 pub mod lineplot;
 pub mod plot;
 pub mod process;
+pub mod retry;
 pub mod rollup;
 pub mod settings;
 pub mod storage;

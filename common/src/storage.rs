@@ -29,22 +29,73 @@ fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Storage(format!("{what}: {e}"))
 }
 
-/// Whether `s` is a URL this module opens (rather than a local path).
+/// Whether another try may succeed: not when the object is missing or already there, or
+/// the request is refused or unsupported; otherwise (the store was unreachable or failing)
+/// it may.
+fn transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::AlreadyExists { .. }
+            | E::Precondition { .. }
+            | E::NotModified { .. }
+            | E::NotSupported { .. }
+            | E::NotImplemented { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::InvalidPath { .. }
+            | E::UnknownConfigurationKey { .. }
+    )
+}
+
+/// A failed operation, transient or not (see [`transient`]).
+fn op_error(what: &str, e: object_store::Error) -> Error {
+    let message = format!("{what}: {e}");
+    if transient(&e) { Error::StorageTransient(message) } else { Error::Storage(message) }
+}
+
+/// Tries of one operation that fails transiently, 250 ms, 500 ms and 1 s apart. Remote
+/// stores retry each request inside object_store already; this covers the local filesystem
+/// (a network mount's hiccup) and what escapes those retries. Longer outages are for the
+/// callers to wait out ([`crate::retry`]), where waiting is the right thing to do.
+const TRIES: u32 = 4;
+
+/// Runs `op` up to [`TRIES`] times while it fails transiently. Every operation passed here
+/// is safe to repeat: reads, whole-object puts, deletes, and exclusive creates (a retried
+/// create that finds the object the first try wrote reports it as existing; the caller
+/// decides whether it is its own).
+async fn tries<T, Fut>(
+    what: impl Fn() -> String,
+    mut op: impl FnMut() -> Fut,
+) -> std::result::Result<T, object_store::Error>
+where
+    Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
+{
+    let mut delay = std::time::Duration::from_millis(250);
+    let mut tried = 1;
+    loop {
+        match op().await {
+            Err(e) if tried < TRIES && transient(&e) => {
+                tracing::warn!("{} failed, retrying in {delay:?}: {e}", what());
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                tried += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Whether `s` is a URL (`scheme://...`) rather than a local path. Any scheme counts, so
+/// that one this module does not open (`ftp://`) is refused by [`Location::open`] instead
+/// of becoming a local folder named `ftp:`; one letter before `:` is a Windows drive.
 pub fn is_url(s: &str) -> bool {
-    [
-        "file://",
-        "memory://",
-        "s3://",
-        "s3a://",
-        "gs://",
-        "az://",
-        "abfs://",
-        "abfss://",
-        "http://",
-        "https://",
-    ]
-    .iter()
-    .any(|scheme| s.starts_with(scheme))
+    s.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.len() > 1
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    })
 }
 
 /// Retries for remote stores: transient failures (connection errors, timeouts, 5xx, 429)
@@ -66,9 +117,9 @@ fn retry() -> object_store::RetryConfig {
 impl Location {
     /// Opens a path or URL. Local folders are created when `create` is set.
     pub fn open(s: &str, create: bool) -> Result<Self> {
-        if !is_url(s) || s.starts_with("file://") {
-            let path = match s.strip_prefix("file://") {
-                Some(rest) => std::path::PathBuf::from(rest),
+        if !is_url(s) || s.to_ascii_lowercase().starts_with("file://") {
+            let path = match s.get(..7).filter(|p| p.eq_ignore_ascii_case("file://")) {
+                Some(_) => std::path::PathBuf::from(&s[7..]),
                 None => std::path::PathBuf::from(s),
             };
             return Self::local(&path, create, s);
@@ -189,55 +240,66 @@ impl Location {
 
     async fn read_path(&self, path: &StorePath) -> Result<Bytes> {
         let what = format!("reading {} ({path})", self.display);
-        let got = self.store.get(path).await.map_err(|e| storage_error(&what, e))?;
-        got.bytes().await.map_err(|e| storage_error(&what, e))
+        tries(|| what.clone(), || async { self.store.get(path).await?.bytes().await })
+            .await
+            .map_err(|e| op_error(&what, e))
     }
 
     /// Whether the object `name` exists.
     pub async fn exists(&self, name: &str) -> Result<bool> {
-        match self.store.head(&self.path(name)).await {
+        let path = self.path(name);
+        match tries(|| format!("checking {name} in {}", self.display), || self.store.head(&path))
+            .await
+        {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(storage_error(&format!("checking {name} in {}", self.display), e)),
+            Err(e) => Err(op_error(&format!("checking {name} in {}", self.display), e)),
         }
     }
 
     /// Writes `name` (replacing it).
     pub async fn write(&self, name: &str, bytes: Bytes) -> Result<()> {
-        self.store
-            .put(&self.path(name), bytes.into())
+        let path = self.path(name);
+        let what = || format!("writing {name} in {}", self.display);
+        tries(what, || self.store.put(&path, bytes.clone().into()))
             .await
             .map(|_| ())
-            .map_err(|e| storage_error(&format!("writing {name} in {}", self.display), e))
+            .map_err(|e| op_error(&format!("writing {name} in {}", self.display), e))
     }
 
     /// Writes `name` only if it does not exist yet; `Ok(false)` if it did.
     pub async fn create(&self, name: &str, bytes: Bytes) -> Result<bool> {
-        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
-        match self.store.put_opts(&self.path(name), bytes.into(), opts).await {
+        let path = self.path(name);
+        let create = || {
+            let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+            self.store.put_opts(&path, bytes.clone().into(), opts)
+        };
+        match tries(|| format!("creating {name} in {}", self.display), create).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(storage_error(&format!("creating {name} in {}", self.display), e)),
+            Err(e) => Err(op_error(&format!("creating {name} in {}", self.display), e)),
         }
     }
 
     /// Deletes `name`; a missing object is not an error.
     pub async fn delete(&self, name: &str) -> Result<()> {
-        match self.store.delete(&self.path(name)).await {
+        let path = self.path(name);
+        match tries(|| format!("deleting {name} in {}", self.display), || self.store.delete(&path))
+            .await
+        {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(storage_error(&format!("deleting {name} in {}", self.display), e)),
+            Err(e) => Err(op_error(&format!("deleting {name} in {}", self.display), e)),
         }
     }
 
     /// Every object below `name`, as (path relative to this prefix, size), sorted by path.
     pub async fn list(&self, name: &str) -> Result<Vec<(String, u64)>> {
         let base = self.path(name);
-        let objects: Vec<object_store::ObjectMeta> = self
-            .store
-            .list(Some(&base))
-            .try_collect()
-            .await
-            .map_err(|e| storage_error(&format!("listing {name} in {}", self.display), e))?;
+        let what = || format!("listing {name} in {}", self.display);
+        let objects: Vec<object_store::ObjectMeta> =
+            tries(what, || self.store.list(Some(&base)).try_collect())
+                .await
+                .map_err(|e| op_error(&format!("listing {name} in {}", self.display), e))?;
         let mut out: Vec<(String, u64)> = objects
             .into_iter()
             .filter_map(|meta| {
@@ -256,9 +318,12 @@ impl Location {
     /// Streams the object at `path` into `sink`, chunk by chunk (no whole-file buffer).
     pub async fn stream_into(&self, path: &StorePath, mut sink: impl FnMut(&[u8])) -> Result<()> {
         let what = format!("reading {} ({path})", self.display);
-        let got = self.store.get(path).await.map_err(|e| storage_error(&what, e))?;
+        // Only the request is retried: a stream that breaks midway has fed `sink` already.
+        let got = tries(|| what.clone(), || self.store.get(path))
+            .await
+            .map_err(|e| op_error(&what, e))?;
         let mut stream = got.into_stream();
-        while let Some(chunk) = stream.try_next().await.map_err(|e| storage_error(&what, e))? {
+        while let Some(chunk) = stream.try_next().await.map_err(|e| op_error(&what, e))? {
             sink(&chunk);
         }
         Ok(())
@@ -283,5 +348,21 @@ mod tests {
         loc.delete("b.txt").await.expect("delete");
         loc.delete("b.txt").await.expect("delete twice");
         assert!(!loc.exists("b.txt").await.expect("exists"));
+    }
+
+    #[test]
+    fn unknown_schemes_and_malformed_urls_are_refused_not_made_folders() {
+        let cwd = std::env::current_dir().expect("cwd");
+        for (url, expected) in [
+            ("ftp://example.com/out", "unsupported scheme ftp"),
+            ("s4://bucket/out", "unsupported scheme s4"),
+            ("http://[::1/x", "bad URL"),
+        ] {
+            let err = Location::open(url, true).expect_err(url).to_string();
+            assert!(err.contains(url) && err.contains(expected), "{url}: {err}");
+        }
+        assert!(!cwd.join("ftp:").exists() && !cwd.join("s4:").exists(), "no folder was made");
+        assert!(is_url("S3://bucket/x") && is_url("file:///tmp") && !is_url("C://x"));
+        assert!(!is_url("out/run") && !is_url("/tmp/a://b"));
     }
 }
