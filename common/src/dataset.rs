@@ -68,8 +68,13 @@ pub struct Knowns {
 /// The whole text must be a JSON array (otherwise the error names `source`); each element is
 /// checked on its own, so one broken record costs only itself.
 pub fn parse_knowns_json(source: &str, text: &str) -> Result<Knowns> {
-    let values: Vec<serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| Error::Dataset { source_name: source.to_string(), message: e.to_string() })?;
+    // The whole file must be one JSON array: a syntax error loses it all (JSON Lines keeps
+    // the other lines), so say what was expected and where it broke.
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| Error::Dataset {
+            source_name: source.to_string(),
+            message: format!("not a JSON array: {e}"),
+        })?;
     let mut knowns = Knowns::default();
     for (index, value) in values.into_iter().enumerate() {
         match fact_from_value(value) {
@@ -97,7 +102,24 @@ pub(crate) fn fact_from_value(
     value: serde_json::Value,
 ) -> std::result::Result<KnownFact, (Option<u64>, String)> {
     let known_id = value.get("known_id").and_then(serde_json::Value::as_u64);
-    let fact: KnownFact = serde_json::from_value(value).map_err(|e| (known_id, e.to_string()))?;
+    // serde would read an array positionally (`[5, "Paris", …]` as a fact), and its errors
+    // would then point at indices, not fields; a record is an object by the format's definition.
+    if !value.is_object() {
+        return Err((known_id, format!("not a JSON object but {}", kind_of(&value))));
+    }
+    // Going through serde_path_to_error because serde_json's own message ("invalid type:
+    // integer `7`, expected a string") does not say which field was wrong.
+    let fact: KnownFact = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // A missing field is reported at the record itself ("."), and serde's message already
+        // names it ("missing field `attribute`").
+        let message = match path.as_str() {
+            "." => inner.to_string(),
+            _ => format!("field `{path}`: {inner}"),
+        };
+        (known_id, message)
+    })?;
     for (field, text) in
         [("subject", &fact.subject), ("attribute", &fact.attribute), ("prompt", &fact.prompt)]
     {
@@ -112,6 +134,18 @@ pub(crate) fn fact_from_value(
         ));
     }
     Ok(fact)
+}
+
+/// The JSON kind of a value, for messages about a record that is not an object.
+fn kind_of(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +171,47 @@ mod tests {
         assert!(messages[1].contains("does not occur in field `prompt`"));
         assert!(messages[2].starts_with("record 3") && messages[2].contains("known_id"));
         assert!(messages[3].contains("known_id 4") && messages[3].contains("invalid type"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let text = r#"[
+            {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica",
+             "prompt": "Vinson Massif is located in the continent of"},
+            {"known_id": 4, "subject": 7, "attribute": "B", "prompt": "A is B"},
+            {"known_id": "seven", "subject": "A", "attribute": "B", "prompt": "A is B"},
+            {"known_id": -1, "subject": "A", "attribute": "B", "prompt": "A is B"},
+            {"known_id": 8, "subject": "A", "attribute": "B", "prompt": "A is B",
+             "template": ["{}", "is"]},
+            [9, "A", "B", "A is B"]
+        ]"#;
+        let knowns = parse_knowns_json("test", text).expect("valid array");
+        assert_eq!(knowns.facts.len(), 1);
+        assert_eq!(knowns.facts[0].known_id, 0);
+        assert_eq!(knowns.positions, [0]);
+        let messages: Vec<String> = knowns.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 5, "{messages:?}");
+        assert!(
+            messages[0].starts_with("record 1 (known_id 4): field `subject`: invalid type"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].starts_with("record 2: field `known_id`: invalid type"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[2].starts_with("record 3: field `known_id`: invalid value: integer `-1`"),
+            "{messages:?}"
+        );
+        // Optional fields are checked too: a wrong type there is named, not silently dropped.
+        assert!(
+            messages[3].starts_with("record 4 (known_id 8): field `template`: invalid type"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[4].starts_with("record 5: not a JSON object but an array"),
+            "{messages:?}"
+        );
     }
 
     #[test]

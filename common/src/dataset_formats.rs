@@ -173,7 +173,7 @@ fn drop_duplicate_ids(knowns: &mut Knowns) {
 mod tests {
     use std::sync::Arc;
 
-    use arrow_array::{Int64Array, StringArray};
+    use arrow_array::{Float64Array, Int64Array, StringArray};
     use arrow_schema::{Field, Schema};
 
     use super::*;
@@ -236,5 +236,111 @@ mod tests {
         assert_eq!(knowns.facts[0].subject, "Paris");
         assert_eq!(knowns.errors.len(), 1);
         assert!(knowns.errors[0].to_string().contains("subject"), "{}", knowns.errors[0]);
+    }
+
+    /// `batch` written as a Parquet file.
+    fn parquet_bytes(batch: &RecordBatch) -> Bytes {
+        let mut buffer = Vec::new();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buffer, batch.schema(), None)
+            .expect("writer");
+        writer.write(batch).expect("write");
+        writer.close().expect("close");
+        Bytes::from(buffer)
+    }
+
+    #[test]
+    fn a_broken_parquet_file_names_its_source() {
+        let err = parse_knowns("k.parquet", &Bytes::from_static(b"PAR1 junk PAR1"))
+            .expect_err("junk is not Parquet");
+        let message = err.to_string();
+        assert!(message.starts_with("dataset k.parquet: not a readable Parquet file"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_parquet_value_costs_only_its_row() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("known_id", DataType::Int64, true),
+            Field::new("subject", DataType::Utf8, true),
+            Field::new("attribute", DataType::Utf8, true),
+            Field::new("prompt", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![5, -1, 7, 8])),
+                Arc::new(StringArray::from(vec![Some("Paris"), Some("Rome"), None, Some("Oslo")])),
+                Arc::new(StringArray::from(vec!["France", "Italy", "X", "Norway"])),
+                Arc::new(StringArray::from(vec![
+                    "Paris is in",
+                    "Rome is in",
+                    "Y is in",
+                    "Oslo is in",
+                ])),
+            ],
+        )
+        .expect("batch");
+        let knowns = parse_knowns("k.parquet", &parquet_bytes(&batch)).expect("parses");
+        let ids: Vec<u64> = knowns.facts.iter().map(|f| f.known_id).collect();
+        assert_eq!(ids, [5, 8]);
+        assert_eq!(knowns.positions, [0, 3]);
+        let messages: Vec<String> = knowns.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[0].starts_with("record 1: field `known_id`: invalid value: integer `-1`"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].starts_with("record 2 (known_id 7): missing field `subject`"),
+            "{messages:?}"
+        );
+    }
+
+    #[test]
+    fn a_parquet_column_of_unsupported_type_is_named_in_every_row() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("known_id", DataType::Float64, false),
+            Field::new("subject", DataType::Utf8, false),
+            Field::new("attribute", DataType::Utf8, false),
+            Field::new("prompt", DataType::Utf8, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Float64Array::from(vec![1.0, 2.0])),
+                Arc::new(StringArray::from(vec!["Paris", "Oslo"])),
+                Arc::new(StringArray::from(vec!["France", "Norway"])),
+                Arc::new(StringArray::from(vec!["Paris is in", "Oslo is in"])),
+            ],
+        )
+        .expect("batch");
+        let knowns = parse_knowns("k.parquet", &parquet_bytes(&batch)).expect("parses");
+        assert!(knowns.facts.is_empty());
+        let messages: Vec<String> = knowns.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        for (i, message) in messages.iter().enumerate() {
+            assert!(
+                message.starts_with(&format!(
+                    "record {i}: column `known_id` has unsupported type Float64"
+                )),
+                "{messages:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_json_array_that_is_not_utf8_names_its_source() {
+        // One bad byte costs the whole array: it cannot be parsed as text to find the records.
+        let err = parse_knowns("k.json", &Bytes::from_static(b"[{\"subject\": \"\xff\"}]"))
+            .expect_err("not UTF-8");
+        let message = err.to_string();
+        assert!(message.starts_with("dataset k.json: not UTF-8"), "{message}");
+    }
+
+    #[test]
+    fn an_empty_json_lines_file_names_its_source() {
+        for text in ["", "\n \n", "\r\n\t\n"] {
+            let err = parse_knowns("k.jsonl", &Bytes::from(text)).expect_err("no records");
+            assert_eq!(err.to_string(), "dataset k.jsonl: no records", "{text:?}");
+        }
     }
 }

@@ -8,7 +8,10 @@ use common::dataset_formats::parse_knowns;
 use proptest::prelude::*;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1000))]
+    // 1000 cases in CI (bounded time); CT_FUZZ_CASES runs more.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("CT_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000)
+    ))]
 
     #[test]
     fn arbitrary_bytes_are_an_answer_not_a_crash(
@@ -45,10 +48,18 @@ proptest! {
                     knowns.facts.iter().zip(&knowns.positions).any(|(f, &p)| p == i && f.known_id == i as u64),
                     "good record {} lost", i
                 ),
-                Some(s) => prop_assert!(
-                    knowns.errors.iter().any(|e| e.index == i && !e.message.is_empty()),
-                    "spoiled record {} (spoil {}) not named: {:?}", i, s, knowns.errors
-                ),
+                Some(s) => {
+                    let (says, id_readable) = spoiled_field(*s);
+                    let error = knowns.errors.iter().find(|e| e.index == i);
+                    prop_assert!(
+                        error.is_some_and(|e| e.message.contains(says)),
+                        "spoiled record {} (spoil {}) not named with {:?}: {:?}", i, s, says, knowns.errors
+                    );
+                    // Where the record's id survived the spoiling, the error carries it too.
+                    if id_readable {
+                        prop_assert_eq!(error.and_then(|e| e.known_id), Some(i as u64));
+                    }
+                }
             }
         }
         prop_assert_eq!(knowns.facts.len() + knowns.errors.len(), spoils.len());
@@ -85,6 +96,22 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
             )),
         ]
     })
+}
+
+/// What the error of a record spoiled by `record(_, Some(spoil))` must say: the field spoiled,
+/// or, where no field is to blame, what the line is instead of a record. Also whether the
+/// spoiled record still has a readable `known_id`.
+fn spoiled_field(spoil: usize) -> (&'static str, bool) {
+    match spoil {
+        0 | 1 => ("not JSON", false),
+        2 => ("`subject`", true),
+        3 => ("`attribute`", true),
+        4 => ("`prompt`", true),
+        5 => ("`subject`", true),
+        6 => ("`known_id`", false),
+        7 => ("not a JSON object", false),
+        _ => ("`known_id`", false),
+    }
 }
 
 /// Record `id` as one JSON Lines line, good or with one defect.

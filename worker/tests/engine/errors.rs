@@ -66,6 +66,34 @@ fn truncated_safetensors_is_named() {
 }
 
 #[test]
+fn corrupt_safetensors_is_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The header's JSON spoiled in place: the file keeps its length, so only parsing notices.
+    let dir = copy_fixture("llama", &tmp.path().join("a"));
+    let weights = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("read");
+    bytes[8..16].copy_from_slice(b"garbage!");
+    std::fs::write(&weights, &bytes).expect("write");
+    let err = load_err(&dir);
+    assert!(
+        err.contains(&weights.display().to_string())
+            && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+
+    // Something else under the weights' name.
+    let dir = copy_fixture("llama", &tmp.path().join("b"));
+    let weights = dir.join("model.safetensors");
+    std::fs::write(&weights, b"not weights").expect("write");
+    let err = load_err(&dir);
+    assert!(
+        err.contains(&weights.display().to_string())
+            && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+}
+
+#[test]
 fn missing_tensor_and_wrong_shape_are_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = copy_fixture("gpt2", tmp.path());
@@ -85,7 +113,19 @@ fn missing_tensor_and_wrong_shape_are_named() {
     edit_config(&dir, |c| c["vocab_size"] = 300.into());
     let err = load_err(&dir);
     assert!(
-        err.contains("tensor `model.embed_tokens.weight` has shape [256, 32], expected [300, 32]"),
+        err.contains("tensor `model.embed_tokens.weight` has shape [256, 32], expected [300, 32]")
+            && err.contains(&dir.join("model.safetensors").display().to_string()),
+        "{err}"
+    );
+
+    // The config promises a layer the weights do not have: the first tensor of that layer is
+    // named, not a shape error or a panic further in.
+    let dir = copy_fixture("llama", &tmp.path().join("c"));
+    edit_config(&dir, |c| c["num_hidden_layers"] = 4.into());
+    let err = load_err(&dir);
+    assert!(
+        err.contains("missing tensor `model.layers.3.")
+            && err.contains(&dir.join("model.safetensors").display().to_string()),
         "{err}"
     );
 }
@@ -139,4 +179,67 @@ fn truncated_or_foreign_gguf_is_named() {
     let junk = tmp.path().join("junk.gguf");
     std::fs::write(&junk, b"definitely not a model").expect("write");
     assert!(load_err(&junk).contains("junk.gguf: not a valid GGUF file"));
+}
+
+/// `bytes` with every `from` replaced by `to`, which must have the same length so that the GGUF
+/// header's string lengths and offsets still hold; panics if `from` does not occur.
+fn replace_same_length(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut out = bytes.to_vec();
+    let mut found = false;
+    let mut i = 0;
+    while i + from.len() <= out.len() {
+        if &out[i..i + from.len()] == from {
+            out[i..i + from.len()].copy_from_slice(to);
+            found = true;
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    assert!(found, "{:?} not in the file", String::from_utf8_lossy(from));
+    out
+}
+
+#[test]
+fn foreign_architecture_and_bad_metadata_in_gguf_are_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("tiny.gguf");
+    write_gguf(&fixture("tiny/qwen2"), &path);
+    let bytes = std::fs::read(&path).expect("read");
+
+    // An architecture the engine does not implement; the keys are renamed with it, so the file
+    // is a consistent GGUF of an unknown model.
+    let path = tmp.path().join("foreign.gguf");
+    std::fs::write(&path, replace_same_length(&bytes, b"qwen2", b"qwenx")).expect("write");
+    let err = load_err(&path);
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("unknown architecture \"qwenx\""),
+        "{err}"
+    );
+
+    // A required key missing.
+    let path = tmp.path().join("no-blocks.gguf");
+    std::fs::write(&path, replace_same_length(&bytes, b"qwen2.block_count", b"qwen2.block_counx"))
+        .expect("write");
+    let err = load_err(&path);
+    assert!(
+        err.contains(&path.display().to_string())
+            && err.contains("field `qwen2.block_count`: missing"),
+        "{err}"
+    );
+
+    // No architecture at all.
+    let path = tmp.path().join("no-arch.gguf");
+    std::fs::write(
+        &path,
+        replace_same_length(&bytes, b"general.architecture", b"general.architecturx"),
+    )
+    .expect("write");
+    let err = load_err(&path);
+    assert!(
+        err.contains(&path.display().to_string())
+            && err.contains("field `general.architecture`: missing"),
+        "{err}"
+    );
 }
