@@ -31,22 +31,25 @@ pub struct FaultPlan {
     pub after: u64,
     /// Seed of the decisions.
     pub seed: u64,
-    /// Share of failing writes (put, copy, delete) that are done before the error is
-    /// returned, in [0, 1].
+    /// Share of failing writes (put, copy) that are done before the error is returned, in
+    /// [0, 1].
     pub lost: f64,
+    /// The most faults to inject (then the store heals).
+    pub max: u64,
 }
 
 impl std::str::FromStr for FaultPlan {
     type Err = String;
 
-    /// `RATE[,after=N][,seed=S][,lost=P]`, e.g. `0.2` or `1,after=40` or `0.1,lost=0.5`.
+    /// `RATE[,after=N][,seed=S][,lost=P][,max=K]`, e.g. `0.2` or `1,after=40` or
+    /// `0.1,lost=0.5`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let share = |v: &str| v.trim().parse().ok().filter(|r: &f64| (0.0..=1.0).contains(r));
         let mut parts = s.split(',');
         let rate = parts.next().and_then(share).ok_or_else(|| {
-            format!("{s:?}: expected RATE[,after=N][,seed=S][,lost=P], RATE in [0, 1]")
+            format!("{s:?}: expected RATE[,after=N][,seed=S][,lost=P][,max=K], RATE in [0, 1]")
         })?;
-        let mut plan = Self { rate, after: 0, seed: 0, lost: 0.0 };
+        let mut plan = Self { rate, after: 0, seed: 0, lost: 0.0, max: u64::MAX };
         for part in parts {
             let (key, value) = part.split_once('=').ok_or_else(|| format!("{s:?}: {part:?}"))?;
             let bad = || format!("{s:?}: {part:?}");
@@ -54,6 +57,7 @@ impl std::str::FromStr for FaultPlan {
                 "after" => plan.after = value.trim().parse().map_err(|_| bad())?,
                 "seed" => plan.seed = value.trim().parse().map_err(|_| bad())?,
                 "lost" => plan.lost = share(value).ok_or_else(bad)?,
+                "max" => plan.max = value.trim().parse().map_err(|_| bad())?,
                 other => return Err(format!("{s:?}: unknown key {other:?}")),
             }
         }
@@ -79,7 +83,7 @@ impl FaultyStore {
     /// Decides the fate of the next operation.
     fn draw(&self) -> Fate {
         let n = self.operations.fetch_add(1, Ordering::Relaxed);
-        if n < self.plan.after {
+        if n < self.plan.after || self.injected.load(Ordering::Relaxed) >= self.plan.max {
             return Fate::Succeed;
         }
         let mut key = [0u8; 16];
@@ -214,7 +218,8 @@ mod tests {
     #[tokio::test]
     async fn the_plan_decides_which_operations_fail() {
         let plan: FaultPlan = "0.5,after=3,seed=7".parse().expect("plan");
-        assert_eq!(plan, FaultPlan { rate: 0.5, after: 3, seed: 7, lost: 0.0 });
+        assert_eq!(plan, FaultPlan { rate: 0.5, after: 3, seed: 7, lost: 0.0, max: u64::MAX });
+        assert_eq!("1,max=2".parse::<FaultPlan>().map(|p| p.max), Ok(2));
         for bad in ["2", "0.1,later=2", "0.1,lost=1.5", "0.1,after=-1"] {
             assert!(bad.parse::<FaultPlan>().is_err(), "{bad}");
         }
