@@ -12,7 +12,11 @@ use std::collections::{BTreeMap, HashSet};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use common::storage::Location;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+
+/// Journal records read at once during replay.
+const READ_AHEAD: usize = 16;
 
 /// The folder of commit records.
 pub const JOURNAL_DIR: &str = "_journal";
@@ -37,6 +41,9 @@ pub struct Commit {
     pub seq: u64,
     /// Job ids whose results are in `files` (including the pseudo-job `dataset`).
     pub jobs: Vec<String>,
+    /// Of `jobs`, those given up (their result is an `errors` row).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
     /// Data files, relative to the sweep folder.
     pub files: Vec<String>,
     /// Rows written.
@@ -82,6 +89,8 @@ impl Totals {
 pub struct Replayed {
     /// Committed jobs.
     pub done: HashSet<String>,
+    /// Of those, the ones given up.
+    pub failed: HashSet<String>,
     /// The calibration, if committed.
     pub calibration: Option<Calibration>,
     /// The model's layer count, if known.
@@ -103,8 +112,14 @@ pub fn commit_name(seq: u64) -> String {
 pub async fn replay(out: &Location) -> anyhow::Result<Replayed> {
     let mut replayed = Replayed::default();
     let mut committed_files: HashSet<String> = HashSet::new();
-    for (name, _) in out.list(JOURNAL_DIR).await? {
-        let bytes = out.read_child(&name).await?;
+    // A long sweep has thousands of records: read them many at a time (a remote store
+    // answers each in tens of milliseconds), in order.
+    let names: Vec<String> = out.list(JOURNAL_DIR).await?.into_iter().map(|(n, _)| n).collect();
+    let mut records = futures::stream::iter(names.iter())
+        .map(|name| async move { out.read_child(name).await.map(|bytes| (name, bytes)) })
+        .buffered(READ_AHEAD);
+    while let Some(record) = records.next().await {
+        let (name, bytes) = record?;
         let commit: Commit = serde_json::from_slice(&bytes)
             .with_context(|| format!("journal record {name} in {} is corrupt", out.display))?;
         if commit.seq != replayed.last_seq + 1 {
@@ -117,6 +132,7 @@ pub async fn replay(out: &Location) -> anyhow::Result<Replayed> {
         }
         replayed.last_seq = commit.seq;
         replayed.done.extend(commit.jobs.iter().cloned());
+        replayed.failed.extend(commit.failed.iter().cloned());
         committed_files.extend(commit.files.iter().cloned());
         replayed.totals.add(&commit.counts);
         if commit.calibration.is_some() {
@@ -138,11 +154,17 @@ pub async fn replay(out: &Location) -> anyhow::Result<Replayed> {
     Ok(replayed)
 }
 
-/// Appends `commit`; fails if that record exists (another coordinator writes this sweep).
+/// Appends `commit`; fails if another record holds its number (another coordinator writes
+/// this sweep). The same record already there is this commit's own earlier try, which the
+/// store wrote but whose reply was lost: that counts as appended.
 pub async fn append(out: &Location, commit: &Commit) -> anyhow::Result<()> {
     let name = commit_name(commit.seq);
     let bytes = Bytes::from(serde_json::to_vec_pretty(commit)?);
-    if !out.create(&name, bytes).await? {
+    if !out.create(&name, bytes.clone()).await? {
+        if out.read_child(&name).await? == bytes {
+            tracing::info!("{name} was written by an earlier try whose reply was lost");
+            return Ok(());
+        }
         bail!(
             "{name} already exists in {}: another coordinator is writing this sweep; run one coordinator per sweep",
             out.display
@@ -168,13 +190,17 @@ mod tests {
         let commit = Commit {
             seq: 1,
             jobs: vec!["1:0-2".into()],
+            failed: Vec::new(),
             files: vec!["facts/part-00000001.parquet".into()],
             counts,
             calibration: None,
             n_layers: Some(2),
         };
         append(&out, &commit).await.expect("append");
-        assert!(append(&out, &commit).await.is_err(), "a second writer is refused");
+        append(&out, &commit).await.expect("the same record again: a retry whose first try landed");
+        let other = Commit { jobs: vec!["2:0-2".into()], ..commit.clone() };
+        let refused = append(&out, &other).await.expect_err("a second writer is refused");
+        assert!(refused.to_string().contains("another coordinator"), "{refused}");
         let replayed = replay(&out).await.expect("replay");
         assert_eq!(replayed.last_seq, 1);
         assert!(replayed.done.contains("1:0-2"));

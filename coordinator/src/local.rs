@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::process::{Child, Command};
 
 /// Restarts allowed per worker slot.
-const MAX_RESTARTS: u32 = 3;
+pub const MAX_RESTARTS: u32 = 3;
 
 /// How to start one worker.
 #[derive(Debug, Clone)]

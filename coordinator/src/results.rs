@@ -208,7 +208,10 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        // 3000 cases in CI (bounded time: about a second); CT_FUZZ_CASES runs more.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("CT_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(3000)
+        ))]
         /// Fuzzing the result check: a well-formed result for any job shape passes and
         /// makes exactly one probability per (kind, token, layer); the same result with any
         /// defects never passes, and nothing panics.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use common::dataset_formats::parse_knowns;
 use common::fingerprint::model_fingerprint;
+use common::retry::{self, retry};
 use common::storage::Location;
 use common::sweep::{CALIBRATION_JOB, SweepSettings};
 use common::tables::ErrorRow;
@@ -77,9 +78,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
 
+    // Start-up reads wait out a failing store like commits do (`--storage-give-up-secs`):
+    // a coordinator restarted during an outage should not crash-loop.
+    let give_up = Duration::try_from_secs_f64(args.storage_give_up_secs).unwrap_or(Duration::MAX);
     let knowns_at =
         Location::open(&args.knowns, false).with_context(|| format!("--knowns {}", args.knowns))?;
-    let bytes = knowns_at.read().await.with_context(|| format!("--knowns {}", args.knowns))?;
+    let bytes = retry("reading the dataset", give_up, || async { Ok(knowns_at.read().await?) })
+        .await
+        .with_context(|| format!("--knowns {}", args.knowns))?;
     let dataset_digest = format!("blake3:{}", blake3_hex(&bytes));
     let knowns = parse_knowns(&args.knowns, &bytes)?;
     let subjects: Vec<String> = knowns.facts.iter().map(|f| f.subject.clone()).collect();
@@ -95,7 +101,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let model_at =
         Location::open(&args.model, false).with_context(|| format!("--model {}", args.model))?;
     let model_fingerprint =
-        model_fingerprint(&model_at).await.with_context(|| format!("--model {}", args.model))?;
+        retry("reading the model", give_up, || async { Ok(model_fingerprint(&model_at).await?) })
+            .await
+            .with_context(|| format!("--model {}", args.model))?;
     let settings = SweepSettings {
         dataset_digest,
         model_fingerprint,
@@ -120,7 +128,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         out = out.with_faults(plan, injected.clone());
     }
 
-    let previous = manifest::read(&out).await?;
+    let previous = retry("reading the manifest", give_up, || manifest::read(&out)).await?;
     if let Some(m) = &previous {
         let differences = m.settings.differences(&settings);
         if !differences.is_empty() {
@@ -139,7 +147,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         tracing::info!("resuming sweep {sweep_id}");
     }
-    let replayed = journal::replay(&out).await?;
+    // Replay only reads and deletes uncommitted files, so it can be repeated.
+    let replayed = retry("replaying the journal", give_up, || journal::replay(&out)).await?;
     if replayed.last_seq > 0 {
         eprintln!(
             "resuming sweep {sweep_id}: {} jobs committed in {} commits{}",
@@ -172,6 +181,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         n_layers: OnceLock::new(),
         calibration: OnceLock::new(),
         committed: replayed.done.iter().cloned().collect::<HashSet<_>>(),
+        failed_before: replayed.failed.clone(),
         started,
         lease: Duration::from_secs_f64(args.lease_secs),
         flush_now: tokio::sync::Notify::new(),
@@ -211,7 +221,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             in_sweep: shared.sweep.facts.len() as u64,
         },
     };
-    manifest::write(&out, &info.manifest(&shared, "running")).await?;
+    let running = info.manifest(&shared, "running");
+    retry("writing the manifest", give_up, || manifest::write(&out, &running)).await?;
 
     // Servers: gRPC (with health) for workers, HTTP for metrics.
     let listener = TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
@@ -340,7 +351,17 @@ async fn drive(
         shared.metrics.set_counts(&lock_sched(shared).counts(Instant::now()));
         progress.update(&status);
         if let Some(local) = local.as_deref_mut() {
-            local.watch();
+            // Workers that cannot start (a broken model, a bad device) die at once, however
+            // often they are restarted: say so instead of waiting for workers forever.
+            if local.watch() == 0 && status.state != "finished" {
+                progress.finish();
+                bail!(
+                    "every local worker has stopped, each after {} starts; their errors are \
+                     above. Everything committed is safe: fix the cause and run the same \
+                     command again to resume",
+                    crate::local::MAX_RESTARTS + 1
+                );
+            }
         }
         let buffered = shared.writer.with_buffer(|b| b.trace_rows());
         let calibrated_now = shared.writer.with_buffer(|b| b.calibration.is_some());
@@ -405,8 +426,8 @@ struct StorageHealth {
 }
 
 impl StorageHealth {
-    const FIRST_DELAY: Duration = Duration::from_millis(250);
-    const MAX_DELAY: Duration = Duration::from_secs(30);
+    const FIRST_DELAY: Duration = retry::FIRST_DELAY;
+    const MAX_DELAY: Duration = retry::MAX_DELAY;
 
     fn new(give_up_secs: f64) -> Self {
         Self {
@@ -428,8 +449,15 @@ impl StorageHealth {
         self.delay = Self::FIRST_DELAY;
     }
 
-    /// Records a failed commit; an error once failures have lasted too long.
+    /// Records a failed commit; an error once failures have lasted too long, or at once for
+    /// one that another try cannot fix (refused, or another coordinator on this sweep).
     fn failed(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
+        if !retry::is_transient(&e) {
+            return Err(e.context(
+                "committing results failed; everything committed before is safe: fix the \
+                 cause and run the same command again to resume",
+            ));
+        }
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= self.give_up {
             return Err(e.context(format!(

@@ -56,6 +56,8 @@ struct JobState {
 struct WorkerState {
     name: String,
     last_seen: Instant,
+    /// The job and lease id last leased to it.
+    holding: Option<(usize, u64)>,
 }
 
 /// A job handed to a worker.
@@ -174,11 +176,24 @@ impl Scheduler {
         }
     }
 
+    /// Marks jobs given up by an earlier run (added as done) as given up, so that counts
+    /// after a resume match those of an uninterrupted run.
+    pub fn mark_given_up(&mut self, ids: &std::collections::HashSet<String>) {
+        for id in ids {
+            if let Some(&i) = self.index.get(id) {
+                if self.jobs[i].status == Status::Done {
+                    self.jobs[i].status = Status::Failed;
+                }
+            }
+        }
+    }
+
     /// Registers a worker and returns its id.
     pub fn register(&mut self, name: &str, now: Instant) -> String {
         let id = format!("w{}", self.next_worker);
         self.next_worker += 1;
-        self.workers.insert(id.clone(), WorkerState { name: name.to_string(), last_seen: now });
+        let state = WorkerState { name: name.to_string(), last_seen: now, holding: None };
+        self.workers.insert(id.clone(), state);
         id
     }
 
@@ -193,10 +208,16 @@ impl Scheduler {
         }
     }
 
-    /// The next job for `worker`.
+    /// The next job for `worker`. A worker computes one job at a time, so one that asks
+    /// while it holds a live lease never got the reply that granted it (the connection
+    /// dropped): it gets the same job and lease again, extended, instead of a second job
+    /// while the first waits for its lease to run out.
     pub fn lease(&mut self, worker: &str, now: Instant) -> LeaseOutcome {
         if self.finished() {
             return LeaseOutcome::Finished;
+        }
+        if let Some(lease) = self.held_by(worker, now) {
+            return LeaseOutcome::Job(lease);
         }
         let next = if self.calibrating {
             // Only the calibration job may go out; it sits at the front when queued.
@@ -213,6 +234,9 @@ impl Scheduler {
         let Some(i) = next else { return LeaseOutcome::Wait };
         let lease_id = self.next_lease;
         self.next_lease += 1;
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.holding = Some((i, lease_id));
+        }
         let job = &mut self.jobs[i];
         job.status = Status::Leased {
             worker: worker.to_string(),
@@ -220,6 +244,21 @@ impl Scheduler {
             deadline: now + self.lease_length,
         };
         LeaseOutcome::Job(Lease { spec: job.spec.clone(), lease_id })
+    }
+
+    /// The live lease `worker` holds, extended.
+    fn held_by(&mut self, worker: &str, now: Instant) -> Option<Lease> {
+        let (i, lease_id) = self.workers.get(worker)?.holding?;
+        let job = &mut self.jobs[i];
+        match &mut job.status {
+            Status::Leased { worker: w, lease_id: l, deadline }
+                if w == worker && *l == lease_id && *deadline > now =>
+            {
+                *deadline = now + self.lease_length;
+                Some(Lease { spec: job.spec.clone(), lease_id })
+            }
+            _ => None,
+        }
     }
 
     /// Extends `worker`'s lease on `job`; false when the job is no longer leased to it.
@@ -421,7 +460,8 @@ mod tests {
         let w = s.register("a", now);
         let cal = leased(s.lease(&w, now));
         assert_eq!(cal.spec.work, Work::Calibration);
-        assert_eq!(s.lease(&w, now), LeaseOutcome::Wait);
+        let other = s.register("b", now);
+        assert_eq!(s.lease(&other, now), LeaseOutcome::Wait);
         assert!(matches!(s.complete(&w, "calibration", cal.lease_id, now), Completion::Accepted));
         assert_eq!(leased(s.lease(&w, now)).spec.id, "0:0-2");
     }
@@ -474,12 +514,13 @@ mod tests {
         let t1 = t0 + Duration::from_secs(12);
         let other = leased(s.lease(&b, t1));
         assert_eq!(other.spec.id, "2:0-2", "an expired job goes to the back of the queue");
-        let again = leased(s.lease(&b, t1));
+        let c = s.register("c", t1);
+        let again = leased(s.lease(&c, t1));
         assert_eq!(lease.spec, again.spec);
         assert_eq!(s.complete(&a, &lease.spec.id, lease.lease_id, t1), Completion::NotHeld);
-        assert!(matches!(s.complete(&b, &again.spec.id, again.lease_id, t1), Completion::Accepted));
+        assert!(matches!(s.complete(&c, &again.spec.id, again.lease_id, t1), Completion::Accepted));
         // A duplicate hand-in is harmless.
-        assert_eq!(s.complete(&b, &again.spec.id, again.lease_id, t1), Completion::AlreadyDone);
+        assert_eq!(s.complete(&c, &again.spec.id, again.lease_id, t1), Completion::AlreadyDone);
         assert_eq!(s.counts(t1).done, 2);
     }
 
@@ -506,5 +547,30 @@ mod tests {
         assert!(s.fail(&w, &l0.spec.id, l0.lease_id, FAIL).is_some(), "second try was the last");
         let c = s.counts(now);
         assert_eq!((c.failed, c.done, c.retries), (2, 0, 1));
+    }
+
+    #[test]
+    fn a_worker_asking_again_gets_the_lease_it_holds() {
+        let mut s = Scheduler::new(Duration::from_secs(10), 3);
+        let t0 = Instant::now();
+        s.add([trace(0), trace(1)], |_| false);
+        let a = s.register("a", t0);
+        let first = leased(s.lease(&a, t0));
+        // The reply was lost; a asks again near the end of the lease and gets it again,
+        // extended.
+        let t1 = t0 + Duration::from_secs(9);
+        assert_eq!(leased(s.lease(&a, t1)), first);
+        assert!(s.expire(t0 + Duration::from_secs(12)).is_empty(), "extended");
+        assert_eq!(s.counts(t1).leased, 1);
+        // Once handed in, the next request gets the next job.
+        assert_eq!(s.complete(&a, &first.spec.id, first.lease_id, t1), Completion::Accepted);
+        let second = leased(s.lease(&a, t1));
+        assert_eq!(second.spec.id, "1:0-2");
+        // An expired lease is not given back: the job went to the queue.
+        s.expire(t1 + Duration::from_secs(11));
+        let t2 = t1 + Duration::from_secs(12);
+        let again = leased(s.lease(&a, t2));
+        assert_ne!(again.lease_id, second.lease_id);
+        assert_eq!(s.counts(t2).retries, 1);
     }
 }

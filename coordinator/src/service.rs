@@ -19,6 +19,24 @@ use crate::results::job_rows;
 use crate::scheduler::{Completion, Failure, GivenUp, JobSpec, LeaseOutcome, Scheduler, Work};
 use crate::writer::Writer;
 
+/// The most layers a worker may report.
+const MAX_LAYERS: u32 = 1024;
+/// The longest failure message and stage name kept, in bytes.
+const MAX_MESSAGE: usize = 4096;
+const MAX_STAGE: usize = 64;
+
+/// Cuts `s` to at most `max` bytes, at a character boundary, saying so.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(" [cut]");
+    }
+}
+
 /// What does not change during a sweep.
 #[derive(Debug)]
 pub struct Sweep {
@@ -53,6 +71,8 @@ pub struct Shared {
     pub calibration: OnceLock<Calibration>,
     /// Jobs committed by earlier runs.
     pub committed: HashSet<String>,
+    /// Of those, the ones given up.
+    pub failed_before: HashSet<String>,
     /// When this run started.
     pub started: Instant,
     /// Lease length.
@@ -96,7 +116,9 @@ impl Shared {
                 work: Work::Trace { fact: i, layers: layers.clone() },
             })
         });
-        lock(&self.sched).add(specs, |id| self.committed.contains(id));
+        let mut sched = lock(&self.sched);
+        sched.add(specs, |id| self.committed.contains(id));
+        sched.mark_given_up(&self.failed_before);
         Ok(())
     }
 
@@ -169,6 +191,7 @@ impl Shared {
                     stage: g.stage,
                     message: g.message,
                 });
+                b.failed.push(g.spec.id.clone());
                 b.jobs.push(g.spec.id);
             }
         });
@@ -254,8 +277,13 @@ impl Coordinator for Service {
                 caps.dtype, settings.dtype, settings.dtype
             )));
         }
-        if caps.n_layers == 0 {
-            return Err(Status::invalid_argument("capabilities.n_layers must be set"));
+        // The first worker's layer count sizes the job table: bound it, so that a wrong
+        // one cannot make billions of jobs (the largest models have about a hundred).
+        if caps.n_layers == 0 || caps.n_layers > MAX_LAYERS {
+            return Err(Status::invalid_argument(format!(
+                "capabilities.n_layers is {}: expected 1 to {MAX_LAYERS}",
+                caps.n_layers
+            )));
         }
         shared.set_n_layers(caps.n_layers).map_err(Status::failed_precondition)?;
         let worker_id = lock(&shared.sched).register(&r.name, Instant::now());
@@ -333,9 +361,13 @@ impl Coordinator for Service {
         &self,
         request: Request<proto::FailRequest>,
     ) -> Result<Response<proto::FailReply>, Status> {
-        let r = request.into_inner();
+        let mut r = request.into_inner();
         let shared = &self.0;
         shared.check_worker(&r.worker_id)?;
+        // A failure's text goes into the log and the errors table: keep it to a size a
+        // person reads, whatever a worker sends.
+        truncate(&mut r.message, MAX_MESSAGE);
+        truncate(&mut r.stage, MAX_STAGE);
         if !r.release {
             tracing::warn!(
                 worker = r.worker_id,
@@ -371,7 +403,8 @@ fn accept_calibration(
     lease_id: u64,
     c: proto::CalibrationResult,
 ) -> bool {
-    if job_id != CALIBRATION_JOB || !c.level.is_finite() || c.level < 0.0 || !c.std.is_finite() {
+    let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
+    if job_id != CALIBRATION_JOB || !finite_non_negative(c.level) || !finite_non_negative(c.std) {
         tracing::warn!(worker, job = job_id, "refused an invalid calibration result");
         return false;
     }

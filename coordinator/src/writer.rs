@@ -3,6 +3,13 @@
 //! Rows accumulate in memory (a job counts as done there, but only a commit makes it so for
 //! a restarted coordinator). A flush writes one file per table (and per kind for `traces`),
 //! sized by the flush policy rather than per fact, so DuckDB reads a handful of files.
+//!
+//! A commit that fails is sealed: it is retried with exactly the same rows, files and
+//! journal record, and rows that arrive meanwhile wait for the next commit. A store can fail
+//! after it did the write (the reply was lost); the retry then finds its own record already
+//! there, byte for byte, and counts it as done. Were the retry to carry more rows than the
+//! first try, files named by a landed record would hold rows of jobs it does not name, and a
+//! resume would compute those jobs again: duplicates.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -26,6 +33,8 @@ pub struct Buffer {
     pub errors: Vec<ErrorRow>,
     /// Jobs whose rows are above.
     pub jobs: Vec<String>,
+    /// Of `jobs`, those given up.
+    pub failed: Vec<String>,
     /// A calibration result to commit.
     pub calibration: Option<Calibration>,
 }
@@ -40,17 +49,19 @@ impl Buffer {
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty() && self.errors.is_empty() && self.calibration.is_none()
     }
+}
 
-    fn merge_back(&mut self, mut older: Buffer) {
-        older.facts.append(&mut self.facts);
-        for (kind, mut rows) in std::mem::take(&mut self.traces) {
-            older.traces.entry(kind).or_default().append(&mut rows);
-        }
-        older.errors.append(&mut self.errors);
-        older.jobs.append(&mut self.jobs);
-        older.calibration = older.calibration.or(self.calibration);
-        *self = older;
-    }
+/// A commit that failed, to be retried unchanged.
+#[derive(Debug)]
+struct Sealed {
+    buffer: Buffer,
+    n_layers: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Commits {
+    next_seq: u64,
+    sealed: Option<Sealed>,
 }
 
 /// The single writer of a sweep's tables.
@@ -58,8 +69,8 @@ impl Buffer {
 pub struct Writer {
     out: Location,
     buffer: Mutex<Buffer>,
-    /// Serialises flushes and holds the next commit number.
-    next_seq: tokio::sync::Mutex<u64>,
+    /// Serialises flushes; holds the next commit number and a commit that failed.
+    commits: tokio::sync::Mutex<Commits>,
     totals: Mutex<Totals>,
     n_layers: Mutex<Option<u32>>,
     last_seq: std::sync::atomic::AtomicU64,
@@ -71,7 +82,7 @@ impl Writer {
         Self {
             out,
             buffer: Mutex::new(Buffer::default()),
-            next_seq: tokio::sync::Mutex::new(last_seq + 1),
+            commits: tokio::sync::Mutex::new(Commits { next_seq: last_seq + 1, sealed: None }),
             totals: Mutex::new(totals),
             n_layers: Mutex::new(None),
             last_seq: std::sync::atomic::AtomicU64::new(last_seq),
@@ -99,30 +110,45 @@ impl Writer {
         self.totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Commits the buffer; returns the commit, or `None` when there was nothing to commit.
-    /// On a storage error the rows go back into the buffer for the next try.
+    /// Commits a sealed commit left by a failed flush, if any, then the buffer; returns the
+    /// last commit, or `None` when there was nothing to commit. On a storage error what was
+    /// being committed is sealed for the next try.
     pub async fn flush(&self) -> anyhow::Result<Option<Commit>> {
-        let mut seq = self.next_seq.lock().await;
-        let taken = self.with_buffer(std::mem::take);
-        if taken.is_empty() {
-            return Ok(None);
-        }
-        let n_layers = *self.n_layers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match self.write(*seq, &taken, n_layers).await {
-            Ok(commit) => {
-                self.last_seq.store(*seq, std::sync::atomic::Ordering::Relaxed);
-                *seq += 1;
-                self.totals
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .add(&commit.counts);
-                Ok(Some(commit))
+        let mut commits = self.commits.lock().await;
+        let mut last = None;
+        let mut fresh = false;
+        while !fresh {
+            let sealed = match commits.sealed.take() {
+                Some(sealed) => sealed,
+                None => {
+                    fresh = true;
+                    let buffer = self.with_buffer(std::mem::take);
+                    if buffer.is_empty() {
+                        break;
+                    }
+                    let n_layers =
+                        *self.n_layers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    Sealed { buffer, n_layers }
+                }
+            };
+            let seq = commits.next_seq;
+            match self.write(seq, &sealed.buffer, sealed.n_layers).await {
+                Ok(commit) => {
+                    self.last_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
+                    commits.next_seq += 1;
+                    self.totals
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .add(&commit.counts);
+                    last = Some(commit);
+                }
+                Err(e) => {
+                    commits.sealed = Some(sealed);
+                    return Err(e);
+                }
             }
-            Err(e) => {
-                self.with_buffer(|b| b.merge_back(taken));
-                Err(e)
-            }
         }
+        Ok(last)
     }
 
     async fn write(
@@ -134,6 +160,7 @@ impl Writer {
         let mut commit = Commit {
             seq,
             jobs: buffer.jobs.clone(),
+            failed: buffer.failed.clone(),
             calibration: buffer.calibration,
             n_layers,
             ..Commit::default()
@@ -166,5 +193,62 @@ impl Writer {
         }
         journal::append(&self.out, &commit).await?;
         Ok(commit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    fn add_jobs(writer: &Writer, ids: std::ops::Range<u64>) {
+        writer.with_buffer(|b| {
+            for i in ids {
+                b.errors.push(ErrorRow {
+                    known_id: Some(i),
+                    record: None,
+                    job: Some(format!("{i}:0-1")),
+                    stage: "trace".into(),
+                    message: "m".into(),
+                });
+                b.jobs.push(format!("{i}:0-1"));
+            }
+        });
+    }
+
+    /// The store writes a commit's journal record but the reply is lost, and reading it
+    /// back fails too, so the flush fails; more rows arrive before the next flush. The retry
+    /// must commit the same rows under the same record, or the landed record would name
+    /// files holding rows of jobs it does not name (duplicated by a resume).
+    #[tokio::test]
+    async fn a_commit_whose_reply_was_lost_is_retried_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = Location::open(&dir.path().display().to_string(), true).expect("open");
+        // Operation 0 writes the errors file; 1, the record, lands and fails; 2, its retry,
+        // finds it; 3 to 6, reading it back, fail. Then the store heals.
+        let plan = "1,after=1,lost=1,max=6".parse().expect("plan");
+        let out = base.clone().with_faults(plan, Arc::new(AtomicU64::new(0)));
+        let writer = Writer::new(out, 0, Totals::default());
+        add_jobs(&writer, 0..3);
+        writer.flush().await.expect_err("the reply was lost and the record cannot be read");
+        assert!(base.exists(&journal::commit_name(1)).await.expect("exists"), "it landed");
+        add_jobs(&writer, 3..5);
+        let last = writer.flush().await.expect("the sealed commit, then the new rows");
+        assert_eq!(last.map(|c| c.seq), Some(2));
+
+        let replayed = journal::replay(&base).await.expect("replay");
+        assert_eq!((replayed.last_seq, replayed.done.len()), (2, 5));
+        for seq in 1..=2 {
+            let record = base.read_child(&journal::commit_name(seq)).await.expect("record");
+            let commit: Commit = serde_json::from_slice(&record).expect("commit");
+            let mut in_files = Vec::new();
+            for file in &commit.files {
+                let bytes = base.read_child(file).await.expect("file");
+                let rows = common::tables::read_errors(&bytes).expect("errors file");
+                in_files.extend(rows.into_iter().filter_map(|r| r.job));
+            }
+            assert_eq!(in_files, commit.jobs, "commit {seq} names exactly its files' rows");
+        }
     }
 }
