@@ -3,10 +3,12 @@
 //!
 //! - Heartbeats run beside the computation (which runs on a blocking thread), so a long job
 //!   keeps its lease.
-//! - When the coordinator is away, every call is retried with exponential backoff; a
-//!   coordinator that restarted no longer knows this worker (NOT_FOUND), so it registers
-//!   again, and a finished result is still handed in (the coordinator keeps it if the job is
-//!   not done yet).
+//! - When the coordinator cannot be reached, every call is retried with exponential backoff
+//!   on the same channel (it reconnects by itself), as the same worker, so a dropped
+//!   connection costs nothing: the lease is still held and the result is kept. A coordinator
+//!   that restarted no longer knows this worker (NOT_FOUND), so it registers again; a result
+//!   finished under the old registration is dropped (its lease died with the old
+//!   coordinator, which queues the job again).
 //! - SIGTERM (or Ctrl-C): a job in progress gets `--grace-secs` to finish and be handed in;
 //!   otherwise it is released (given back without counting as a failure). Then it exits.
 
@@ -104,14 +106,20 @@ impl Backoff {
     }
 }
 
+/// A finished job's result, until the coordinator has it.
+struct Finished {
+    job_id: String,
+    lease_id: u64,
+    result: proto::complete_request::Result,
+    seconds: f64,
+}
+
 /// Serves until the sweep is finished or a signal arrives.
 pub async fn serve(loaded: Arc<LoadedModel>, opts: ServeOptions) -> anyhow::Result<()> {
     let mut shutdown = Shutdown::new()?;
     let mut backoff = Backoff::new(opts.give_up);
-    // A finished job whose result could not be handed in yet.
-    let mut pending: Option<(String, u64, proto::complete_request::Result, f64)> = None;
     'session: loop {
-        if shutdown.requested() && pending.is_none() {
+        if shutdown.requested() {
             return Ok(());
         }
         let mut session = match register(&opts).await {
@@ -123,21 +131,6 @@ pub async fn serve(loaded: Arc<LoadedModel>, opts: ServeOptions) -> anyhow::Resu
             }
         };
         backoff.reset();
-        if let Some((job_id, lease_id, result, seconds)) = pending.take() {
-            match complete(&mut session, &job_id, lease_id, result.clone(), seconds).await {
-                Ok(()) => {}
-                Err(status) => {
-                    pending = Some((job_id, lease_id, result, seconds));
-                    match classify(status)? {
-                        Interrupt::Reregister => continue 'session,
-                        Interrupt::Unreachable(s) => {
-                            backoff.wait(s.message()).await?;
-                            continue 'session;
-                        }
-                    }
-                }
-            }
-        }
         loop {
             if shutdown.requested() {
                 return Ok(());
@@ -147,12 +140,17 @@ pub async fn serve(loaded: Arc<LoadedModel>, opts: ServeOptions) -> anyhow::Resu
                 .lease(proto::LeaseRequest { worker_id: session.worker_id.clone() })
                 .await;
             let reply = match reply {
-                Ok(r) => r.into_inner(),
+                Ok(r) => {
+                    backoff.reset();
+                    r.into_inner()
+                }
                 Err(status) => match classify(status)? {
                     Interrupt::Reregister => continue 'session,
+                    // The channel reconnects by itself: ask again on it, as the same worker
+                    // (a lease granted in a reply that was lost is granted again).
                     Interrupt::Unreachable(s) => {
                         backoff.wait(s.message()).await?;
-                        continue 'session;
+                        continue;
                     }
                 },
             };
@@ -161,23 +159,20 @@ pub async fn serve(loaded: Arc<LoadedModel>, opts: ServeOptions) -> anyhow::Resu
                     let outcome = run_job(&loaded, &opts, &mut session, &job, &mut shutdown).await;
                     match outcome {
                         JobOutcome::Done(result, seconds) => {
-                            if let Err(status) = complete(
-                                &mut session,
-                                &job.job_id,
-                                job.lease_id,
-                                result.clone(),
+                            let finished = Finished {
+                                job_id: job.job_id.clone(),
+                                lease_id: job.lease_id,
+                                result,
                                 seconds,
-                            )
-                            .await
-                            {
-                                pending = Some((job.job_id.clone(), job.lease_id, result, seconds));
-                                match classify(status)? {
-                                    Interrupt::Reregister => continue 'session,
-                                    Interrupt::Unreachable(s) => {
-                                        backoff.wait(s.message()).await?;
-                                        continue 'session;
-                                    }
-                                }
+                            };
+                            if !hand_in(&session, &finished, &mut backoff).await? {
+                                // Its lease died with the coordinator's memory of this
+                                // worker: the job is queued again and computed anew.
+                                tracing::info!(
+                                    job = finished.job_id,
+                                    "the coordinator restarted; this result is no longer wanted"
+                                );
+                                continue 'session;
                             }
                         }
                         JobOutcome::Failed(e) => {
@@ -267,28 +262,39 @@ async fn register(opts: &ServeOptions) -> Result<Session, RegisterError> {
     }
 }
 
-async fn complete(
-    session: &mut Session,
-    job_id: &str,
-    lease_id: u64,
-    result: proto::complete_request::Result,
-    seconds: f64,
-) -> Result<(), Status> {
-    let reply = session
-        .client
-        .complete(proto::CompleteRequest {
+/// Hands in a result, waiting out an unreachable coordinator on the same connection (it
+/// reconnects by itself, and this worker's lease is still good when it comes back); `false`
+/// when the coordinator no longer knows this worker (it restarted): register again.
+async fn hand_in(
+    session: &Session,
+    finished: &Finished,
+    backoff: &mut Backoff,
+) -> anyhow::Result<bool> {
+    loop {
+        let request = proto::CompleteRequest {
             worker_id: session.worker_id.clone(),
-            job_id: job_id.to_string(),
-            lease_id,
-            seconds,
-            result: Some(result),
-        })
-        .await?
-        .into_inner();
-    if !reply.accepted {
-        tracing::info!(job = job_id, "result not needed (the job was done by another worker)");
+            job_id: finished.job_id.clone(),
+            lease_id: finished.lease_id,
+            seconds: finished.seconds,
+            result: Some(finished.result.clone()),
+        };
+        match session.client.clone().complete(request).await {
+            Ok(reply) => {
+                backoff.reset();
+                if !reply.into_inner().accepted {
+                    tracing::info!(
+                        job = finished.job_id,
+                        "result not kept (done by another worker, or this lease expired)"
+                    );
+                }
+                return Ok(true);
+            }
+            Err(status) => match classify(status)? {
+                Interrupt::Reregister => return Ok(false),
+                Interrupt::Unreachable(s) => backoff.wait(s.message()).await?,
+            },
+        }
     }
-    Ok(())
 }
 
 enum JobOutcome {
