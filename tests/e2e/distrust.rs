@@ -197,3 +197,153 @@ fn only_the_lease_holder_hands_in_and_only_well_formed_results() {
     );
     assert!(coordinator.stderr().contains("holds no live lease"), "refusals are logged");
 }
+
+/// A coordinator over `facts` fake facts with `extra` flags; its port and the fake model.
+fn fake_sweep(
+    dir: &std::path::Path,
+    facts: usize,
+    extra: &[&str],
+) -> (Proc, u16, std::path::PathBuf) {
+    let (dataset, model) = fake::dataset_and_model(dir, facts);
+    let port = free_port();
+    let mut run = args(&["run", "--knowns", dataset.to_str().expect("utf8"), "--model"]);
+    run.push(model.display().to_string());
+    run.extend(args(&["--out", dir.join("out").to_str().expect("utf8")]));
+    run.extend(args(&["--listen", &format!("127.0.0.1:{port}"), "--noise", "0.1"]));
+    run.extend(args(&["--correctness", "none", "--flush-secs", "0.3", "--linger-secs", "1"]));
+    run.extend(args(extra));
+    (Proc::start(&bin("coordinator"), &run, dir, "coordinator"), port, model)
+}
+
+async fn connect(port: u16) -> CoordinatorClient<Channel> {
+    let url = format!("http://127.0.0.1:{port}");
+    loop {
+        match tonic::transport::Endpoint::from_shared(url.clone()).expect("url").connect().await {
+            Ok(c) => return CoordinatorClient::new(c),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[test]
+fn lies_about_the_model_are_refused_and_hopeless_jobs_become_error_rows() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut coordinator, port, model) = fake_sweep(tmp.path(), 3, &["--max-attempts", "2"]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let (nan_job, long_job) = runtime.block_on(async {
+        let fp = fake::fingerprint(&model).await;
+        let mut c = connect(port).await;
+        // Claims that do not fit: refused, each saying which.
+        let claim = |n_layers: u32, dtype: &str| proto::RegisterRequest {
+            name: "liar".into(),
+            model_fingerprint: fp.clone(),
+            capabilities: Some(proto::Capabilities {
+                n_layers,
+                dtype: dtype.into(),
+                ..capabilities()
+            }),
+        };
+        for (request, code, says) in [
+            (claim(0, "f32"), tonic::Code::InvalidArgument, "capabilities.n_layers is 0"),
+            (claim(4_000_000, "f32"), tonic::Code::InvalidArgument, "expected 1 to 1024"),
+            (claim(LAYERS, "f16"), tonic::Code::FailedPrecondition, "this worker runs f16"),
+        ] {
+            let status = c.register(request).await.expect_err(says);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(says), "{status:?}");
+        }
+        let a = register(&mut c, "a", &fp).await;
+        let status = c.register(claim(LAYERS + 1, "f32")).await.expect_err("another model");
+        assert!(status.message().contains("has 10 layers, this worker's 11"), "{status:?}");
+
+        // One job gets only NaN results, another only failures with a 1 MiB message; the
+        // third is done honestly. Three jobs (one per fact); a failed try goes to the back.
+        let b = register(&mut c, "b", &fp).await;
+        let fail = |worker: &str, job: &proto::Job| proto::FailRequest {
+            worker_id: worker.into(),
+            job_id: job.job_id.clone(),
+            lease_id: job.lease_id,
+            stage: "trace".into(),
+            message: "é".repeat(1 << 19),
+            release: false,
+            permanent: false,
+        };
+        let (nan_job, work) = lease(&mut c, &a).await;
+        let mut nan = fake_result(&work);
+        nan.scores[2].scores[5] = f32::NAN;
+        let (long_job, _) = lease(&mut c, &b).await;
+        for try_ in 0..2 {
+            let held = if try_ == 0 { nan_job.clone() } else { lease(&mut c, &a).await.0 };
+            assert_eq!(held.job_id, nan_job.job_id);
+            let r = c.complete(completion(&a, &held.job_id, held.lease_id, nan.clone())).await;
+            assert!(!r.expect("answered").into_inner().accepted);
+            let held = if try_ == 0 { long_job.clone() } else { lease(&mut c, &b).await.0 };
+            assert_eq!(held.job_id, long_job.job_id);
+            c.fail(fail(&b, &held)).await.expect("a failure is reported");
+            if try_ == 0 {
+                let (job, work) = lease(&mut c, &a).await;
+                let r = completion(&a, &job.job_id, job.lease_id, fake_result(&work));
+                assert!(c.complete(r).await.expect("complete").into_inner().accepted);
+            }
+        }
+        finish_honestly(&mut c, &a).await;
+        (nan_job.job_id, long_job.job_id)
+    });
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.stderr());
+    let tables = read_tables(&sweep_dir(&tmp.path().join("out")));
+    assert_eq!(tables.errors.len(), 2, "{:?}", tables.errors);
+    let row = |job: &str| {
+        tables.errors.iter().find(|e| e.job.as_deref() == Some(job)).expect("an errors row")
+    };
+    let nan = row(&nan_job);
+    assert_eq!(nan.stage, "result");
+    assert!(nan.message.contains("NaN") && nan.message.contains("after 2 tries"), "{nan:?}");
+    assert!(nan.message.contains("attn"), "names the kind: {nan:?}");
+    let long = row(&long_job);
+    assert!(long.message.len() < 5_000 && long.message.contains("[cut]"), "{}", long.message.len());
+    assert_eq!(tables.facts.len(), 1, "the third fact is whole");
+    tables.assert_exactly_once(LAYERS, 3);
+}
+
+#[test]
+fn a_window_wider_than_the_model_stops_the_sweep() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut coordinator, port, model) = fake_sweep(tmp.path(), 2, &["--window", "11"]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        let fp = fake::fingerprint(&model).await;
+        let mut c = connect(port).await;
+        let request = proto::RegisterRequest {
+            name: "a".into(),
+            model_fingerprint: fp,
+            capabilities: Some(capabilities()),
+        };
+        let status = c.register(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("--window 11 is more than the model's 10 layers"));
+    });
+    assert!(!coordinator.wait(Duration::from_secs(30)).success());
+    assert!(coordinator.stderr().contains("--window 11 is more than the model's 10 layers"));
+    assert_eq!(manifest(&sweep_dir(&tmp.path().join("out")))["state"], "failed");
+}
+
+async fn finish_honestly(c: &mut CoordinatorClient<Channel>, worker: &str) {
+    loop {
+        let reply = c
+            .lease(proto::LeaseRequest { worker_id: worker.into() })
+            .await
+            .expect("lease")
+            .into_inner();
+        match reply.reply.expect("reply") {
+            proto::lease_reply::Reply::Job(job) => {
+                let Some(proto::job::Work::Trace(work)) = job.work else { panic!("a trace job") };
+                let r = completion(worker, &job.job_id, job.lease_id, fake_result(&work));
+                assert!(c.complete(r).await.expect("complete").into_inner().accepted);
+            }
+            proto::lease_reply::Reply::Wait(w) => {
+                tokio::time::sleep(Duration::from_millis(w.retry_ms)).await;
+            }
+            proto::lease_reply::Reply::Finished(_) => break,
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The fault-injection run (a test, not timed; prints figures): one sweep of the tiny model
+//! on real coordinator and worker processes through more than 1,000 injected faults:
+//!
+//! - workers killed (SIGKILL) mid-sweep, and replaced;
+//! - workers hung (SIGSTOP for longer than their lease, then SIGCONT: they wake up holding
+//!   a job that has gone to another worker);
+//! - the coordinator killed (SIGKILL, or SIGTERM) and started again with the same command;
+//! - connections between workers and coordinator cut by a proxy in this test;
+//! - object-store operations failing, before the write or after it with the reply lost.
+//!
+//! At the end every row is in the tables exactly once and equals the same row of a sweep
+//! run without faults, bit for bit: both sweeps compute the same jobs with the same binary
+//! on one thread each, so any difference would be a row from the wrong job or a corrupted
+//! one, not rounding.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e::{
+    Proc, args, bin, free_port, manifest, read_tables, sweep_dir, tiny_sweep_args, tiny_worker_args,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Facts of the sweep; with one layer per job, three jobs each.
+const FACTS: u32 = 400;
+const WORKERS: usize = 4;
+const MIN_FAULTS: u64 = 1_000;
+/// Seconds a lease lasts without a heartbeat; hangs last longer.
+const LEASE: f64 = 1.0;
+/// A connection is cut this often.
+const CUT_EVERY: Duration = Duration::from_millis(150);
+/// Share of store operations that fail, and of failing writes that land anyway.
+const STORE_FAULTS: &str = "0.2,lost=0.5";
+
+fn sweep_args(out: &Path, port: u16) -> Vec<String> {
+    let mut a = tiny_sweep_args(out, &format!("127.0.0.1:{port}"), FACTS);
+    a.extend(args(&["--layers-per-job", "1", "--max-attempts", "1000"]));
+    a.extend(args(&["--lease-secs", &LEASE.to_string()]));
+    a
+}
+
+fn chaos_coordinator(out: &Path, port: u16, dir: &Path, run: u64) -> Proc {
+    let mut a = sweep_args(out, port);
+    a.extend(args(&["--inject-storage-faults", &format!("{STORE_FAULTS},seed={run}")]));
+    Proc::start(&bin("coordinator"), &a, dir, &format!("coordinator-{run}"))
+}
+
+fn chaos_worker(proxy: u16, dir: &Path, n: usize) -> Proc {
+    let tag = format!("worker-{n}");
+    let mut a = tiny_worker_args(&format!("http://127.0.0.1:{proxy}"), &tag);
+    // Jobs of the tiny model take a few milliseconds; holding each a little longer lets
+    // kills and hangs land mid-job.
+    a.extend(args(&["--job-delay-ms", "20", "--give-up-secs", "600"]));
+    Proc::start(&bin("worker"), &a, dir, &tag)
+}
+
+fn signal(proc: &Proc, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &proc.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig}");
+}
+
+/// A TCP proxy from `listener` to the coordinator's port that cuts a random open connection
+/// every `CUT_EVERY`; counts the cuts.
+async fn proxy(listener: TcpListener, upstream: u16, cuts: Arc<AtomicU64>) {
+    let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+    let cutter = {
+        let open = open.clone();
+        async move {
+            let mut rng = StdRng::seed_from_u64(7);
+            loop {
+                tokio::time::sleep(CUT_EVERY).await;
+                let mut open = open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                open.retain(|h| !h.is_finished());
+                if !open.is_empty() {
+                    let i = rng.random_range(0..open.len());
+                    // Dropping both sockets: the worker sees its connection closed.
+                    open.swap_remove(i).abort();
+                    cuts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    tokio::spawn(cutter);
+    while let Ok((mut client, _)) = listener.accept().await {
+        let pipe = tokio::spawn(async move {
+            // The coordinator may be down (restarting): the worker sees a refused connection.
+            if let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+        open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pipe.abort_handle());
+    }
+}
+
+/// Lines of the logs in `dir` starting with `coordinator-` that contain `needle`.
+fn count_in_coordinator_logs(dir: &Path, needle: &str) -> u64 {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("coordinator-") && name.ends_with(".err") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            n += text.lines().filter(|l| l.contains(needle)).count() as u64;
+        }
+    }
+    n
+}
+
+enum Slot {
+    Empty,
+    Running(Proc),
+    Hung(Proc, Instant),
+}
+
+#[derive(Default, Debug)]
+struct Injected {
+    worker_kills: u64,
+    worker_hangs: u64,
+    coordinator_kills: u64,
+    coordinator_terms: u64,
+    cuts: u64,
+    store: u64,
+}
+
+impl Injected {
+    fn total(&self) -> u64 {
+        self.worker_kills
+            + self.worker_hangs
+            + self.coordinator_kills
+            + self.coordinator_terms
+            + self.cuts
+            + self.store
+    }
+}
+
+/// The sweep without faults, with two local workers.
+fn reference_sweep(dir: &Path) -> PathBuf {
+    let out = dir.join("reference");
+    let mut a = sweep_args(&out, free_port());
+    a.extend(args(&["--local-workers", "2", "--worker-threads", "1", "--worker-bin"]));
+    a.push(bin("worker").display().to_string());
+    let mut run = Proc::start(&bin("coordinator"), &a, dir, "reference");
+    assert!(run.wait(Duration::from_secs(600)).success(), "{}", run.stderr());
+    sweep_dir(&out)
+}
+
+#[test]
+fn a_thousand_faults_and_every_row_exactly_once() {
+    let mut tmp = tempfile::tempdir().expect("tempdir");
+    // CT_KEEP_CHAOS keeps the logs and tables for a look after a failure.
+    tmp.disable_cleanup(std::env::var_os("CT_KEEP_CHAOS").is_some());
+    let dir = tmp.path();
+    let out = dir.join("out");
+    let (port, proxy_port) = (free_port(), free_port());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cuts = Arc::new(AtomicU64::new(0));
+    let listener =
+        runtime.block_on(TcpListener::bind(("127.0.0.1", proxy_port))).expect("the proxy listens");
+    runtime.spawn(proxy(listener, port, cuts.clone()));
+
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(2022);
+    let mut injected = Injected::default();
+    let mut runs = 0;
+    let mut coordinator = chaos_coordinator(&out, port, dir, runs);
+    let mut spawned = 0;
+    let mut slots: Vec<Slot> = (0..WORKERS)
+        .map(|_| {
+            spawned += 1;
+            Slot::Running(chaos_worker(proxy_port, dir, spawned))
+        })
+        .collect();
+    let after = |rng: &mut StdRng, lo: f64, hi: f64| {
+        Instant::now() + Duration::from_secs_f64(rng.random_range(lo..hi))
+    };
+    let mut next_kill = after(&mut rng, 0.5, 1.5);
+    let mut next_hang = after(&mut rng, 0.5, 1.5);
+    let mut next_restart = after(&mut rng, 6.0, 10.0);
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(900), "the sweep did not finish");
+        if let Some(status) = coordinator.child.try_wait().expect("try_wait") {
+            assert!(status.success(), "the coordinator failed:\n{}", coordinator.stderr());
+            break;
+        }
+        let now = Instant::now();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            *slot = match std::mem::replace(slot, Slot::Empty) {
+                Slot::Hung(proc, until) if now >= until => {
+                    signal(&proc, "-CONT");
+                    Slot::Running(proc)
+                }
+                Slot::Running(mut proc) => match proc.child.try_wait().expect("try_wait") {
+                    // Told that the sweep is finished, while the coordinator lingers.
+                    Some(status) if status.success() => Slot::Empty,
+                    Some(status) => panic!("worker slot {i} failed ({status}):\n{}", proc.stderr()),
+                    None => Slot::Running(proc),
+                },
+                other => other,
+            };
+        }
+        if now >= next_kill {
+            let i = rng.random_range(0..WORKERS);
+            if let Slot::Running(proc) = &mut slots[i] {
+                proc.kill();
+                injected.worker_kills += 1;
+                spawned += 1;
+                slots[i] = Slot::Running(chaos_worker(proxy_port, dir, spawned));
+            }
+            next_kill = after(&mut rng, 0.5, 1.5);
+        }
+        if now >= next_hang {
+            let i = rng.random_range(0..WORKERS);
+            slots[i] = match std::mem::replace(&mut slots[i], Slot::Empty) {
+                Slot::Running(proc) => {
+                    signal(&proc, "-STOP");
+                    injected.worker_hangs += 1;
+                    Slot::Hung(proc, after(&mut rng, LEASE + 0.5, LEASE + 1.5))
+                }
+                other => other,
+            };
+            next_hang = after(&mut rng, 0.5, 1.5);
+        }
+        if now >= next_restart {
+            if rng.random_bool(0.3) {
+                // SIGTERM: it commits what it has and exits (non-zero: interrupted).
+                signal(&coordinator, "-TERM");
+                let _ = coordinator.wait(Duration::from_secs(120));
+                injected.coordinator_terms += 1;
+            } else {
+                coordinator.kill();
+                injected.coordinator_kills += 1;
+            }
+            runs += 1;
+            coordinator = chaos_coordinator(&out, port, dir, runs);
+            next_restart = after(&mut rng, 6.0, 10.0);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elapsed = started.elapsed();
+    for slot in &mut slots {
+        match slot {
+            Slot::Running(p) => p.kill(),
+            Slot::Hung(p, _) => {
+                signal(p, "-CONT");
+                p.kill();
+            }
+            Slot::Empty => {}
+        }
+    }
+    injected.cuts = cuts.load(Ordering::Relaxed);
+    injected.store = count_in_coordinator_logs(dir, "storage fault injected");
+    let lost_replies = count_in_coordinator_logs(dir, "(done, reply lost)");
+    let resumes = count_in_coordinator_logs(dir, "jobs committed in");
+    eprintln!("after {:.0} s: {injected:?}, {} in all", elapsed.as_secs_f64(), injected.total());
+
+    // The fault-free sweep: the same facts, the same errors (the tiny model's tokenizer
+    // cannot place a few non-ASCII subjects), the same scores.
+    let reference_dir = reference_sweep(dir);
+    let reference = read_tables(&reference_dir);
+    let chaos = sweep_dir(&out);
+    let m = manifest(&chaos);
+    assert_eq!(m["state"], "finished", "{m}");
+    let r = manifest(&reference_dir);
+    assert_eq!(
+        (&m["jobs"]["done"], &m["jobs"]["failed"]),
+        (&r["jobs"]["done"], &r["jobs"]["failed"])
+    );
+    assert_eq!(m["rows"], r["rows"], "the journal's counts");
+    let tables = read_tables(&chaos);
+    let rows = tables.assert_exactly_once(3, 3);
+    reference.assert_exactly_once(3, 3);
+    let facts = |t: &e2e::Tables| {
+        let mut ids: Vec<u64> = t.facts.iter().map(|f| f.known_id).collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_eq!(facts(&tables), facts(&reference));
+    let errors = |t: &e2e::Tables| {
+        let mut e: Vec<String> = t.errors.iter().map(|e| format!("{e:?}")).collect();
+        e.sort();
+        e
+    };
+    assert_eq!(errors(&tables), errors(&reference));
+    let expected: HashMap<_, _> = reference
+        .traces
+        .iter()
+        .map(|r| ((r.known_id, r.kind, r.token, r.layer), r.score.to_bits()))
+        .collect();
+    assert_eq!(expected.len(), rows, "both sweeps have the same rows");
+    for r in &tables.traces {
+        let key = (r.known_id, r.kind, r.token, r.layer);
+        assert_eq!(expected.get(&key), Some(&r.score.to_bits()), "{r:?}");
+    }
+
+    println!(
+        "fault-injection run: {} faults in {:.0} s: {} worker kills, {} worker hangs, \
+         {} coordinator kills (SIGKILL) and {} stops (SIGTERM), {} dropped connections, \
+         {} store errors ({lost_replies} after the write landed); {resumes} resumes; \
+         {} jobs ({} given up, as without faults), {} retries in the last run; {rows} trace \
+         rows, each exactly once and equal to the fault-free sweep's",
+        injected.total(),
+        elapsed.as_secs_f64(),
+        injected.worker_kills,
+        injected.worker_hangs,
+        injected.coordinator_kills,
+        injected.coordinator_terms,
+        injected.cuts,
+        injected.store,
+        m["jobs"]["total"],
+        m["jobs"]["failed"],
+        m["jobs"]["retries"],
+    );
+    assert!(
+        injected.total() >= MIN_FAULTS,
+        "only {} faults injected: {injected:?}",
+        injected.total()
+    );
+    for (class, n) in [
+        ("worker kills", injected.worker_kills),
+        ("worker hangs", injected.worker_hangs),
+        ("coordinator restarts", injected.coordinator_kills + injected.coordinator_terms),
+        ("dropped connections", injected.cuts),
+        ("store errors", injected.store),
+    ] {
+        assert!(n > 0, "no {class} injected");
+    }
+}
