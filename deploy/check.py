@@ -43,9 +43,11 @@ def render(overlay: Path) -> list[dict]:
         copy = Path(tmp) / "k8s"
         shutil.copytree(DEPLOY / "k8s", copy)
         target = copy / overlay.relative_to(DEPLOY / "k8s")
-        example = target / "secrets.env.example"
-        lines = [l for l in example.read_text().splitlines() if l and not l.startswith("#")]
-        (target / "secrets.env").write_text("".join(f"{l.split('=')[0]}=dummy\n" for l in lines))
+        # Every overlay's secrets.env: an overlay may build on another (gpu-tls on gpu).
+        for example in copy.glob("overlays/*/secrets.env.example"):
+            lines = [l for l in example.read_text().splitlines() if l and not l.startswith("#")]
+            secrets = "".join(f"{l.split('=')[0]}=dummy\n" for l in lines)
+            (example.parent / "secrets.env").write_text(secrets)
         out = subprocess.run(
             ["kubectl", "kustomize", str(target)], capture_output=True, text=True, check=False
         )
