@@ -57,42 +57,12 @@ fn completion(
 #[test]
 fn only_the_lease_holder_hands_in_and_only_well_formed_results() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (dataset, model) = fake::dataset_and_model(tmp.path(), 3);
     let out = tmp.path().join("out");
-    let port = free_port();
-    let run = args(&[
-        "run",
-        "--knowns",
-        dataset.to_str().expect("utf8"),
-        "--model",
-        model.to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--noise",
-        "0.1",
-        "--correctness",
-        "none",
-        "--lease-secs",
-        "2",
-        "--flush-secs",
-        "0.3",
-        "--linger-secs",
-        "1",
-    ]);
-    let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
+    let (mut coordinator, port, model) = fake_sweep(tmp.path(), 3, &["--lease-secs", "2"]);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
         let fp = fake::fingerprint(&model).await;
-        let url = format!("http://127.0.0.1:{port}");
-        let channel = loop {
-            match tonic::transport::Endpoint::from_shared(url.clone()).expect("url").connect().await
-            {
-                Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
+        let channel = connect(port).await;
         let c_channel = channel.clone();
         let mut c = CoordinatorClient::new(channel);
         let a = register(&mut c, "a", &fp).await;
@@ -161,24 +131,7 @@ fn only_the_lease_holder_hands_in_and_only_well_formed_results() {
         assert!(codes.contains(&status.code()), "{status:?}");
 
         // Honest work finishes the sweep.
-        loop {
-            let reply = c
-                .lease(proto::LeaseRequest { worker_id: a.clone() })
-                .await
-                .expect("lease")
-                .into_inner();
-            match reply.reply.expect("reply") {
-                proto::lease_reply::Reply::Job(job) => {
-                    let Some(proto::job::Work::Trace(work)) = job.work else { panic!() };
-                    let r = completion(&a, &job.job_id, job.lease_id, fake_result(&work));
-                    assert!(c.complete(r).await.expect("complete").into_inner().accepted);
-                }
-                proto::lease_reply::Reply::Wait(w) => {
-                    tokio::time::sleep(Duration::from_millis(w.retry_ms)).await;
-                }
-                proto::lease_reply::Reply::Finished(_) => break,
-            }
-        }
+        finish_honestly(&mut c, &a).await;
     });
     assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.stderr());
     let dir = sweep_dir(&out);
@@ -215,11 +168,11 @@ fn fake_sweep(
     (Proc::start(&bin("coordinator"), &run, dir, "coordinator"), port, model)
 }
 
-async fn connect(port: u16) -> CoordinatorClient<Channel> {
+async fn connect(port: u16) -> Channel {
     let url = format!("http://127.0.0.1:{port}");
     loop {
         match tonic::transport::Endpoint::from_shared(url.clone()).expect("url").connect().await {
-            Ok(c) => return CoordinatorClient::new(c),
+            Ok(c) => return c,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -232,7 +185,7 @@ fn lies_about_the_model_are_refused_and_hopeless_jobs_become_error_rows() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     let (nan_job, long_job) = runtime.block_on(async {
         let fp = fake::fingerprint(&model).await;
-        let mut c = connect(port).await;
+        let mut c = CoordinatorClient::new(connect(port).await);
         // Claims that do not fit: refused, each saying which.
         let claim = |n_layers: u32, dtype: &str| proto::RegisterRequest {
             name: "liar".into(),
@@ -312,7 +265,7 @@ fn a_window_wider_than_the_model_stops_the_sweep() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
         let fp = fake::fingerprint(&model).await;
-        let mut c = connect(port).await;
+        let mut c = CoordinatorClient::new(connect(port).await);
         let request = proto::RegisterRequest {
             name: "a".into(),
             model_fingerprint: fp,
