@@ -25,5 +25,5 @@ fn manifests_and_dockerfiles_pass_the_deploy_checks() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("2 overlays") && stdout.contains("0 problems"), "{stdout}");
+    assert!(stdout.contains("3 overlays") && stdout.contains("0 problems"), "{stdout}");
 }
