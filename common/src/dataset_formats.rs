@@ -173,8 +173,7 @@ fn drop_duplicate_ids(knowns: &mut Knowns) {
 mod tests {
     use std::sync::Arc;
 
-    use arrow_array::{Float64Array, Int64Array, StringArray};
-    use arrow_schema::{Field, Schema};
+    use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray};
 
     use super::*;
 
@@ -208,44 +207,41 @@ mod tests {
         assert_eq!(Format::of("known_1000.json"), Format::JsonArray);
     }
 
-    #[test]
-    fn parquet_rows_are_records() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("known_id", DataType::Int64, true),
-            Field::new("subject", DataType::Utf8, true),
-            Field::new("attribute", DataType::Utf8, true),
-            Field::new("prompt", DataType::Utf8, true),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(Int64Array::from(vec![Some(5), Some(6)])),
-                Arc::new(StringArray::from(vec![Some("Paris"), None])),
-                Arc::new(StringArray::from(vec!["France", "X"])),
-                Arc::new(StringArray::from(vec!["Paris is in", "Y is"])),
-            ],
-        )
+    /// A knowns Parquet file with these four columns.
+    fn knowns_parquet(
+        known_id: ArrayRef,
+        subject: &[Option<&str>],
+        attribute: &[&str],
+        prompt: &[&str],
+    ) -> Bytes {
+        let batch = RecordBatch::try_from_iter([
+            ("known_id", known_id),
+            ("subject", Arc::new(StringArray::from(subject.to_vec())) as ArrayRef),
+            ("attribute", Arc::new(StringArray::from(attribute.to_vec()))),
+            ("prompt", Arc::new(StringArray::from(prompt.to_vec()))),
+        ])
         .expect("batch");
         let mut buffer = Vec::new();
-        let mut writer =
-            parquet::arrow::ArrowWriter::try_new(&mut buffer, schema, None).expect("writer");
+        let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buffer, batch.schema(), None)
+            .expect("writer");
         writer.write(&batch).expect("write");
         writer.close().expect("close");
-        let knowns = parse_knowns("k.parquet", &Bytes::from(buffer)).expect("parses");
+        Bytes::from(buffer)
+    }
+
+    #[test]
+    fn parquet_rows_are_records() {
+        let bytes = knowns_parquet(
+            Arc::new(Int64Array::from(vec![5, 6])),
+            &[Some("Paris"), None],
+            &["France", "X"],
+            &["Paris is in", "Y is"],
+        );
+        let knowns = parse_knowns("k.parquet", &bytes).expect("parses");
         assert_eq!(knowns.facts.len(), 1);
         assert_eq!(knowns.facts[0].subject, "Paris");
         assert_eq!(knowns.errors.len(), 1);
         assert!(knowns.errors[0].to_string().contains("subject"), "{}", knowns.errors[0]);
-    }
-
-    /// `batch` written as a Parquet file.
-    fn parquet_bytes(batch: &RecordBatch) -> Bytes {
-        let mut buffer = Vec::new();
-        let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buffer, batch.schema(), None)
-            .expect("writer");
-        writer.write(batch).expect("write");
-        writer.close().expect("close");
-        Bytes::from(buffer)
     }
 
     #[test]
@@ -258,28 +254,13 @@ mod tests {
 
     #[test]
     fn a_bad_parquet_value_costs_only_its_row() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("known_id", DataType::Int64, true),
-            Field::new("subject", DataType::Utf8, true),
-            Field::new("attribute", DataType::Utf8, true),
-            Field::new("prompt", DataType::Utf8, true),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(Int64Array::from(vec![5, -1, 7, 8])),
-                Arc::new(StringArray::from(vec![Some("Paris"), Some("Rome"), None, Some("Oslo")])),
-                Arc::new(StringArray::from(vec!["France", "Italy", "X", "Norway"])),
-                Arc::new(StringArray::from(vec![
-                    "Paris is in",
-                    "Rome is in",
-                    "Y is in",
-                    "Oslo is in",
-                ])),
-            ],
-        )
-        .expect("batch");
-        let knowns = parse_knowns("k.parquet", &parquet_bytes(&batch)).expect("parses");
+        let bytes = knowns_parquet(
+            Arc::new(Int64Array::from(vec![5, -1, 7, 8])),
+            &[Some("Paris"), Some("Rome"), None, Some("Oslo")],
+            &["France", "Italy", "X", "Norway"],
+            &["Paris is in", "Rome is in", "Y is in", "Oslo is in"],
+        );
+        let knowns = parse_knowns("k.parquet", &bytes).expect("parses");
         let ids: Vec<u64> = knowns.facts.iter().map(|f| f.known_id).collect();
         assert_eq!(ids, [5, 8]);
         assert_eq!(knowns.positions, [0, 3]);
@@ -297,23 +278,13 @@ mod tests {
 
     #[test]
     fn a_parquet_column_of_unsupported_type_is_named_in_every_row() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("known_id", DataType::Float64, false),
-            Field::new("subject", DataType::Utf8, false),
-            Field::new("attribute", DataType::Utf8, false),
-            Field::new("prompt", DataType::Utf8, false),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(Float64Array::from(vec![1.0, 2.0])),
-                Arc::new(StringArray::from(vec!["Paris", "Oslo"])),
-                Arc::new(StringArray::from(vec!["France", "Norway"])),
-                Arc::new(StringArray::from(vec!["Paris is in", "Oslo is in"])),
-            ],
-        )
-        .expect("batch");
-        let knowns = parse_knowns("k.parquet", &parquet_bytes(&batch)).expect("parses");
+        let bytes = knowns_parquet(
+            Arc::new(Float64Array::from(vec![1.0, 2.0])),
+            &[Some("Paris"), Some("Oslo")],
+            &["France", "Norway"],
+            &["Paris is in", "Oslo is in"],
+        );
+        let knowns = parse_knowns("k.parquet", &bytes).expect("parses");
         assert!(knowns.facts.is_empty());
         let messages: Vec<String> = knowns.errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages.len(), 2, "{messages:?}");
