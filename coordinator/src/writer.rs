@@ -116,39 +116,35 @@ impl Writer {
     pub async fn flush(&self) -> anyhow::Result<Option<Commit>> {
         let mut commits = self.commits.lock().await;
         let mut last = None;
-        let mut fresh = false;
-        while !fresh {
-            let sealed = match commits.sealed.take() {
-                Some(sealed) => sealed,
-                None => {
-                    fresh = true;
-                    let buffer = self.with_buffer(std::mem::take);
-                    if buffer.is_empty() {
-                        break;
-                    }
-                    let n_layers =
-                        *self.n_layers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    Sealed { buffer, n_layers }
-                }
-            };
-            let seq = commits.next_seq;
-            match self.write(seq, &sealed.buffer, sealed.n_layers).await {
-                Ok(commit) => {
-                    self.last_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
-                    commits.next_seq += 1;
-                    self.totals
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .add(&commit.counts);
-                    last = Some(commit);
-                }
-                Err(e) => {
-                    commits.sealed = Some(sealed);
-                    return Err(e);
-                }
+        if let Some(sealed) = commits.sealed.take() {
+            last = Some(self.commit(&mut commits, sealed).await?);
+        }
+        let buffer = self.with_buffer(std::mem::take);
+        if buffer.is_empty() {
+            return Ok(last);
+        }
+        let n_layers = *self.n_layers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.commit(&mut commits, Sealed { buffer, n_layers }).await.map(Some)
+    }
+
+    /// Writes `sealed` as the next commit; on failure keeps it sealed for the next try.
+    async fn commit(&self, commits: &mut Commits, sealed: Sealed) -> anyhow::Result<Commit> {
+        let seq = commits.next_seq;
+        match self.write(seq, &sealed.buffer, sealed.n_layers).await {
+            Ok(commit) => {
+                self.last_seq.store(seq, std::sync::atomic::Ordering::Relaxed);
+                commits.next_seq += 1;
+                self.totals
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .add(&commit.counts);
+                Ok(commit)
+            }
+            Err(e) => {
+                commits.sealed = Some(sealed);
+                Err(e)
             }
         }
-        Ok(last)
     }
 
     async fn write(
