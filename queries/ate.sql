@@ -1,10 +1,11 @@
--- Average total effect per kind: mean high_score − mean low_score over the averaged facts,
--- and the best AIE at the last subject token and at the last token, with their layers.
+-- Average total effect per token × layer kind: mean high_score − mean low_score over the
+-- averaged facts, and the best AIE at the last subject token and at the last token, with
+-- their layers. Equals headline.json of `coordinator aggregate`.
 .read queries/facts.sql
 WITH low AS (SELECT kind, count(*) AS facts, avg(high_score) AS high, avg(low_score) AS low
              FROM averaged GROUP BY kind),
 cells AS (SELECT kind, category, layer, avg(score) AS mean FROM categorized
-          WHERE category IN ('last_subject', 'last') GROUP BY ALL)
+          WHERE category IN ('last_subject', 'last') AND head IS NULL GROUP BY ALL)
 SELECT l.kind, l.facts, l.high AS high_score, l.low AS low_score, l.high - l.low AS ate,
        max(c.mean - l.low) FILTER (WHERE c.category = 'last_subject') AS best_aie_last_subject,
        arg_max(c.layer, c.mean) FILTER (WHERE c.category = 'last_subject') AS best_layer_last_subject,

@@ -1,24 +1,31 @@
 -- The sweep's tables as views. Every query file starts with `.read queries/facts.sql`; set the
--- sweep folder first (a local path or an s3:// URL DuckDB can read):
+-- sweep folder first (a local path or an s3:// URL DuckDB can read), and optionally which
+-- traced facts to average ('correct', the default and Figure 2's rule, or 'all', as ROME's
+-- Figure 3 notebook, for a sweep run with --correctness none):
 --   duckdb -cmd "SET VARIABLE results = 'sweeps/sweep-0123456789ab'" -c ".read queries/rollup.sql"
+--   duckdb -cmd "SET VARIABLE results = '...'" -cmd "SET VARIABLE facts = 'all'" -c ".read queries/figure3.sql"
 CREATE OR REPLACE VIEW facts AS
   SELECT * FROM read_parquet(getvariable('results') || '/facts/*.parquet');
 CREATE OR REPLACE VIEW traces AS
   SELECT * FROM read_parquet(getvariable('results') || '/traces/**/*.parquet', hive_partitioning = true);
--- Facts ROME averages: traced and correctly predicted, with every (token, layer) row of the
--- kind present (a fact whose job was given up is left out, as `coordinator aggregate` does).
+-- Facts averaged per kind: traced, kept by the facts rule, with every row of the kind present.
+-- A fact has a row per traced token (`traced_tokens`, the experiment's token selector) per
+-- layer, per head for a kind whose rows carry one (`head`): a fact whose job was given up is
+-- left out, as `coordinator aggregate` does.
 CREATE OR REPLACE VIEW averaged AS
   SELECT t.kind, f.known_id, f.relation_id, f.high_score, f.low_score,
          f.subject_start AS b, f.subject_end AS e, len(f.tokens) AS n_tokens
   FROM facts f JOIN traces t USING (known_id)
-  WHERE f.traced AND coalesce(f.correct, true)
+  WHERE f.traced AND (coalesce(getvariable('facts'), 'correct') = 'all' OR coalesce(f.correct, true))
   GROUP BY ALL
-  HAVING count(*) = len(f.tokens) * (SELECT max(layer) + 1 FROM traces);
+  HAVING count(*) = len(any_value(f.traced_tokens)) * any_value(f.n_layers)
+                    * CASE WHEN bool_or(t.head IS NOT NULL) THEN any_value(f.n_heads) ELSE 1 END;
 -- ROME's token categories (notebook average_causal_effects), overlapping as there: a
 -- one-token subject is its first and last token; when e = T-1 the last token is also the
 -- first subsequent one; a subject ending the prompt has no first subsequent token.
 CREATE OR REPLACE VIEW categorized AS
-  SELECT a.kind, a.known_id, a.relation_id, t.layer, t.token, t.score, c.category, c.row_order
+  SELECT a.kind, a.known_id, a.relation_id, t.layer, t.head, t.token, t.score, c.category,
+         c.row_order
   FROM averaged a
   JOIN traces t ON t.known_id = a.known_id AND t.kind = a.kind
   JOIN (VALUES ('first_subject', 0), ('middle_subject', 1), ('last_subject', 2),

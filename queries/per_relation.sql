@@ -1,11 +1,12 @@
 -- Per Wikidata relation: how many facts, and the best AIE of the last subject token and of
--- the last token per kind, to see which relations the early and late sites carry.
+-- the last token per token × layer kind, to see which relations the early and late sites
+-- carry.
 .read queries/facts.sql
 WITH cells AS (
   SELECT c.kind, c.relation_id, c.category, c.layer, avg(c.score) - avg(a.low_score) AS aie,
          count(DISTINCT c.known_id) AS facts
   FROM categorized c JOIN averaged a USING (kind, known_id)
-  WHERE c.category IN ('last_subject', 'last')
+  WHERE c.category IN ('last_subject', 'last') AND c.head IS NULL
   GROUP BY ALL)
 SELECT kind, relation_id, max(facts) AS facts,
        max(aie) FILTER (WHERE category = 'last_subject') AS best_aie_last_subject,

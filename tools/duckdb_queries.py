@@ -2,7 +2,7 @@
 result as JSON: {"<query>": [{column: value, ...}, ...]}. The end-to-end tests compare these
 numbers with `coordinator aggregate`'s.
 
-    python3 tools/duckdb_queries.py <sweep folder> [query ...]   (default: all queries)
+    python3 tools/duckdb_queries.py [--facts all] <sweep folder> [query ...]   (default: all queries)
 
 The Python API has no dot-commands, so `.read queries/facts.sql` lines are executed here.
 """
@@ -31,13 +31,18 @@ def run(con, path: pathlib.Path):
 
 
 def main():
-    results = sys.argv[1]
-    names = sys.argv[2:] or ["rollup", "ate", "per_relation", "top_facts"]
+    args = sys.argv[1:]
+    facts = "correct"
+    if args[:1] == ["--facts"]:
+        facts, args = args[1], args[2:]
+    results = args[0]
+    names = args[1:] or ["rollup", "ate", "per_relation", "top_facts", "figure3", "heads"]
     root = pathlib.Path(__file__).resolve().parent.parent
     out = {}
     for name in names:
         con = duckdb.connect()
         con.execute("SET VARIABLE results = ?", [results])
+        con.execute("SET VARIABLE facts = ?", [facts])
         os.chdir(root)
         cur = run(con, pathlib.Path("queries") / f"{name}.sql")
         columns = [d[0] for d in cur.description]

@@ -37,6 +37,14 @@ pub enum Error {
     /// retries. See [`crate::retry`].
     #[error("storage: {0}")]
     StorageTransient(String),
+    /// An experiment's settings do not make an experiment (or do not fit the model).
+    #[error("{setting}: {message}")]
+    Experiment {
+        /// The setting at fault, as its flag names it (`--window`).
+        setting: String,
+        /// Why.
+        message: String,
+    },
     /// A Parquet table could not be written or read.
     #[error("parquet {what}: {message}")]
     Parquet {

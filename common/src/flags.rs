@@ -1,15 +1,23 @@
-//! The trace settings as command-line flags, shared by `worker trace` and `coordinator run`
-//! so that both commands take the same flags with the same defaults and help.
+//! Command-line flags shared by the binaries: the experiment (`worker trace` and
+//! `coordinator run` take the same flags with the same defaults and help) and client TLS.
 
 use clap::Args;
 
-use crate::settings::{Correctness, Kind, NoiseSpec, SeedMode};
+use crate::error::Result;
+use crate::experiment::{
+    Corruption, Direction, Experiment, Metric, NoiseCorruption, TokenRole, Tokens,
+};
+use crate::kinds::Kind;
+use crate::settings::{Correctness, NoiseSpec, SeedMode};
 
 /// `--kinds`, `--samples`, `--window`, `--noise`, `--replace`, `--seed-mode`, `--seed`,
-/// `--correctness`; the defaults are ROME's.
+/// `--correctness`, `--tokens`; the defaults are ROME's. [`ExperimentFlags::experiment`]
+/// is the one place they become an [`Experiment`].
 #[derive(Debug, Clone, Args)]
-pub struct TraceFlags {
-    /// Which states to restore: hidden, mlp, attn.
+pub struct ExperimentFlags {
+    /// What to restore: hidden, mlp, attn (Figure 2); severed_mlp, severed_attn (Figure 3:
+    /// the hidden state with the token's MLP or attention outputs frozen at a corrupted
+    /// run's values); head (one attention head's output, per head).
     #[arg(long, value_delimiter = ',', default_value = "hidden,mlp,attn")]
     pub kinds: Vec<Kind>,
     /// Noise samples per restored state.
@@ -29,28 +37,46 @@ pub struct TraceFlags {
     /// fact's id.
     #[arg(long, default_value = "rome")]
     pub seed_mode: SeedMode,
-    /// The sweep seed for --seed-mode per-fact.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// The sweep seed for --seed-mode per-fact (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Which facts are traced: first-token (the answer is the attribute's first token),
     /// strict (ROME's: the decoded answer equals the attribute) or none (every fact).
     #[arg(long, default_value = "first-token")]
     pub correctness: Correctness,
+    /// Which tokens' rows to compute: all, or some of first-subject, middle-subject,
+    /// last-subject, first-subsequent, further, last (ROME's Figure 3 notebook computes only
+    /// last-subject).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub tokens: Vec<TokenRole>,
 }
 
-impl TraceFlags {
-    /// The checks that need no model: at least one kind, sample and layer per window.
-    pub fn check(&self) -> Result<(), String> {
-        if self.samples == 0 {
-            return Err("--samples must be at least 1".into());
+impl ExperimentFlags {
+    /// The experiment these flags describe, checked (everything that needs no model).
+    pub fn experiment(&self) -> Result<Experiment> {
+        if self.seed.is_some() && self.seed_mode == SeedMode::Rome {
+            return Err(crate::Error::Experiment {
+                setting: "--seed".into(),
+                message: "applies to --seed-mode per-fact only".into(),
+            });
         }
-        if self.window == 0 {
-            return Err("--window must be at least 1".into());
-        }
-        if self.kinds.is_empty() {
-            return Err("--kinds needs at least one of hidden, mlp, attn".into());
-        }
-        Ok(())
+        let experiment = Experiment {
+            corruption: Corruption::Noise(NoiseCorruption {
+                noise: self.noise,
+                replace: self.replace,
+                samples: self.samples,
+                seed_mode: self.seed_mode,
+                seed: self.seed.unwrap_or(0),
+            }),
+            kinds: self.kinds.clone(),
+            window: self.window,
+            tokens: Tokens(self.tokens.clone()),
+            correctness: self.correctness,
+            direction: Direction::Denoise,
+            metrics: vec![Metric::Prob],
+        };
+        experiment.check()?;
+        Ok(experiment)
     }
 }
 

@@ -18,6 +18,10 @@ pub enum Palette {
     Greens,
     /// Attention.
     Reds,
+    /// Attention heads.
+    Oranges,
+    /// Anything else.
+    Blues,
 }
 
 impl Palette {
@@ -26,6 +30,8 @@ impl Palette {
             Palette::Purples => colorous::PURPLES,
             Palette::Greens => colorous::GREENS,
             Palette::Reds => colorous::REDS,
+            Palette::Oranges => colorous::ORANGES,
+            Palette::Blues => colorous::BLUES,
         }
     }
 

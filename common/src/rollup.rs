@@ -1,5 +1,5 @@
-//! ROME's averaged causal effects (notebook `average_causal_effects`, DESIGN.md §1): over the
-//! correctly predicted facts, the mean score of each token category at each layer, minus the
+//! ROME's averaged causal effects (notebook `average_causal_effects`, docs/science.md §5–6):
+//! over the facts averaged, the mean score of each token category at each layer, minus the
 //! mean `low_score`. Pure arithmetic over tables already in memory, so that hand-computed
 //! cases test it directly.
 //!
@@ -36,7 +36,8 @@ pub struct FactTable<'a> {
     pub high_score: f64,
     /// Mean p(answer), corrupted.
     pub low_score: f64,
-    /// `scores[t][l]`, T rows of L.
+    /// `scores[t][c]`, T rows of the token's cells (L; or L × H, layer-major, for a kind
+    /// with a head axis); a token that was not traced has an empty row.
     pub scores: &'a [Vec<f64>],
 }
 
@@ -107,7 +108,8 @@ impl Rollup {
     }
 }
 
-/// Averages `facts` (each T × L with the same L). `None` when there is no fact.
+/// Averages `facts` (each T rows of the same `n_layers` cells; for a kind with a head axis
+/// call it with L × H "layers", one per (layer, head)). `None` when there is no fact.
 pub fn rollup(facts: &[FactTable<'_>], n_layers: usize) -> Option<Rollup> {
     if facts.is_empty() || n_layers == 0 {
         return None;
@@ -119,7 +121,8 @@ pub fn rollup(facts: &[FactTable<'_>], n_layers: usize) -> Option<Rollup> {
         let rows = category_rows(fact.subject, fact.scores.len());
         for (c, tokens) in rows.iter().enumerate() {
             for &t in tokens {
-                let Some(row) = fact.scores.get(t) else { continue };
+                // A token the experiment did not trace has an empty row.
+                let Some(row) = fact.scores.get(t).filter(|r| !r.is_empty()) else { continue };
                 let (count, sum, squares) = &mut sums[c];
                 *count += 1;
                 for (l, &v) in row.iter().take(n_layers).enumerate() {

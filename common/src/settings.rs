@@ -1,55 +1,11 @@
-//! The settings of a trace that both sides of a sweep name: kinds, noise, seeds, correctness.
-//! The coordinator validates and records them; the worker's tracer (`worker::trace`) uses
-//! them. The definitions follow ROME's `calculate_hidden_flow` (DESIGN.md §1).
+//! The values an experiment's settings take: noise rules and distributions, seed modes,
+//! correctness rules. [`crate::experiment::Experiment`] holds them; docs/science.md defines
+//! each (ROME's `calculate_hidden_flow`).
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-
-/// Which states are restored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// The residual stream after one layer at one token.
-    Hidden,
-    /// The MLP outputs at one token over a window of layers.
-    Mlp,
-    /// The attention outputs at one token over a window of layers.
-    Attn,
-}
-
-impl Kind {
-    /// All kinds, in ROME's order.
-    pub const ALL: [Kind; 3] = [Kind::Hidden, Kind::Mlp, Kind::Attn];
-
-    /// The name used in flags, JSON and tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Hidden => "hidden",
-            Kind::Mlp => "mlp",
-            Kind::Attn => "attn",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "hidden" => Ok(Kind::Hidden),
-            "mlp" => Ok(Kind::Mlp),
-            "attn" => Ok(Kind::Attn),
-            other => Err(format!("unknown kind {other:?} (hidden, mlp, attn)")),
-        }
-    }
-}
 
 /// The noise distribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,34 +8,28 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::settings::{Correctness, Kind, NoiseSpec, SeedMode};
+use crate::experiment::Experiment;
 
 /// The id of the job that computes the `sK` noise level.
 pub const CALIBRATION_JOB: &str = "calibration";
 
+/// The version of a sweep's tables and manifest. 2: the experiment spec (kinds beyond
+/// ROME's three, token selectors), the `head` column of `traces`, and `traced_tokens`,
+/// `n_layers`, `n_heads` in `facts`. A coordinator refuses to resume a sweep of another
+/// version (its tables would mix two schemas).
+pub const SCHEMA: u32 = 2;
+
 /// Everything that decides a sweep's numbers. Two runs with equal settings are one sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepSettings {
+    /// The tables' version, [`SCHEMA`].
+    pub schema: u32,
     /// blake3 of the dataset's bytes.
     pub dataset_digest: String,
     /// The model's fingerprint (see [`crate::fingerprint`]).
     pub model_fingerprint: String,
-    /// Kinds traced.
-    pub kinds: Vec<Kind>,
-    /// Noise samples per restored state.
-    pub samples: u32,
-    /// Window for mlp/attn.
-    pub window: u32,
-    /// The noise rule.
-    pub noise: NoiseSpec,
-    /// Replace the subject embeddings instead of adding noise.
-    pub replace: bool,
-    /// How each fact's noise is seeded.
-    pub seed_mode: SeedMode,
-    /// The sweep seed (per-fact seed mode).
-    pub seed: u64,
-    /// Which facts are traced.
-    pub correctness: Correctness,
+    /// What is computed for each fact.
+    pub experiment: Experiment,
     /// Layers per job (`None`: all of a fact's layers in one job).
     pub layers_per_job: Option<u32>,
     /// Only the first N valid facts.
@@ -45,27 +39,40 @@ pub struct SweepSettings {
 }
 
 impl SweepSettings {
-    /// The default sweep id: `sweep-` and 12 hex digits of the settings' digest.
+    /// The default sweep id: `sweep-` and 12 hex digits of the settings' digest (the
+    /// experiment's digest among them).
     pub fn default_sweep_id(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        let json = serde_json::to_vec(&(self, self.experiment.digest())).unwrap_or_default();
         let hex = blake3::hash(&json).to_hex();
         format!("sweep-{}", &hex.as_str()[..12])
     }
 
-    /// The settings that differ from `other`'s, as `name: ours vs theirs`.
+    /// The settings that differ from `other`'s, as `path: ours vs theirs`.
     pub fn differences(&self, other: &SweepSettings) -> Vec<String> {
-        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
-            (serde_json::to_value(self), serde_json::to_value(other))
-        else {
+        let (Ok(a), Ok(b)) = (serde_json::to_value(self), serde_json::to_value(other)) else {
             return vec!["settings cannot be compared".into()];
         };
-        a.iter()
-            .filter(|(k, v)| b.get(*k) != Some(*v))
-            .map(|(k, v)| {
-                let theirs = b.get(k).map_or("missing".to_string(), ToString::to_string);
-                format!("{k}: {v} vs {theirs}")
-            })
-            .collect()
+        let mut out = Vec::new();
+        diff("", &a, &b, &mut out);
+        out
+    }
+}
+
+/// Leaf-by-leaf differences of two JSON values, named by their dotted path.
+fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match y.get(k) {
+                    Some(w) => diff(&p, v, w, out),
+                    None => out.push(format!("{p}: {v} vs missing")),
+                }
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} vs {b}")),
+        _ => {}
     }
 }
 
@@ -97,24 +104,18 @@ mod tests {
     #[test]
     fn ids_follow_settings() {
         let a = SweepSettings {
+            schema: SCHEMA,
             dataset_digest: "d".into(),
             model_fingerprint: "m".into(),
-            kinds: Kind::ALL.to_vec(),
-            samples: 10,
-            window: 10,
-            noise: NoiseSpec::StdMultiple(3.0),
-            replace: false,
-            seed_mode: SeedMode::Rome,
-            seed: 0,
-            correctness: Correctness::FirstToken,
+            experiment: Experiment::rome(),
             layers_per_job: None,
             limit: None,
             dtype: "f32".into(),
         };
         let mut b = a.clone();
         assert_eq!(a.default_sweep_id(), b.default_sweep_id());
-        b.samples = 3;
+        b.experiment.window = 3;
         assert_ne!(a.default_sweep_id(), b.default_sweep_id());
-        assert_eq!(a.differences(&b), vec!["samples: 10 vs 3".to_string()]);
+        assert_eq!(a.differences(&b), vec!["experiment.window: 10 vs 3".to_string()]);
     }
 }

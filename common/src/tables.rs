@@ -21,9 +21,9 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result};
-use crate::settings::Kind;
+use crate::kinds::Kind;
 
-/// Where a token sits relative to the subject (DESIGN.md §1). ROME's categories overlap (a
+/// Where a token sits relative to the subject (docs/science.md §5). ROME's categories overlap (a
 /// one-token subject's token is both its first and last); a row carries one, by the priority
 /// last > last subject > first subject > middle subject > first subsequent > further >
 /// before. Aggregations that need the overlapping sets recompute them from `token`, the
@@ -113,6 +113,13 @@ pub struct FactRow {
     pub correct: Option<bool>,
     /// Whether the fact's states were restored (its `traces` rows exist).
     pub traced: bool,
+    /// The tokens whose rows were computed (the experiment's token selector), ascending;
+    /// empty when the fact was not traced.
+    pub traced_tokens: Vec<u32>,
+    /// The model's layers L: each traced token has L rows per kind (× H for `head`).
+    pub n_layers: u32,
+    /// The model's query heads H.
+    pub n_heads: u32,
     /// The noise level.
     pub noise_level: f64,
     /// Noise samples.
@@ -132,6 +139,8 @@ pub struct TraceRow {
     pub layer: u32,
     /// The token.
     pub token: u32,
+    /// The head, for kinds with a head axis (`head`); `None` for the others.
+    pub head: Option<u32>,
     /// The token's category.
     pub category: TokenCategory,
     /// Mean p(answer) over the samples.
@@ -172,6 +181,9 @@ pub fn facts_schema() -> SchemaRef {
         Field::new("low_score", DataType::Float32, false),
         Field::new("correct", DataType::Boolean, true),
         Field::new("traced", DataType::Boolean, false),
+        Field::new("traced_tokens", list(DataType::UInt32), false),
+        Field::new("n_layers", DataType::UInt32, false),
+        Field::new("n_heads", DataType::UInt32, false),
         Field::new("noise_level", DataType::Float64, false),
         Field::new("samples", DataType::UInt32, false),
         Field::new("model", DataType::Utf8, false),
@@ -185,6 +197,7 @@ pub fn traces_schema() -> SchemaRef {
         Field::new("kind", DataType::Utf8, false),
         Field::new("layer", DataType::UInt32, false),
         Field::new("token", DataType::UInt32, false),
+        Field::new("head", DataType::UInt32, true),
         Field::new("token_category", DataType::Utf8, false),
         Field::new("score", DataType::Float32, false),
     ]))
@@ -210,6 +223,7 @@ fn batch(schema: SchemaRef, columns: Vec<ArrayRef>, what: &str) -> Result<Record
 pub fn facts_batch(rows: &[FactRow]) -> Result<RecordBatch> {
     let mut tokens = ListBuilder::new(StringBuilder::new());
     let mut token_ids = ListBuilder::new(UInt32Builder::new());
+    let mut traced_tokens = ListBuilder::new(UInt32Builder::new());
     for row in rows {
         for t in &row.tokens {
             tokens.values().append_value(t);
@@ -217,6 +231,8 @@ pub fn facts_batch(rows: &[FactRow]) -> Result<RecordBatch> {
         tokens.append(true);
         token_ids.values().append_slice(&row.token_ids);
         token_ids.append(true);
+        traced_tokens.values().append_slice(&row.traced_tokens);
+        traced_tokens.append(true);
     }
     let strings = |f: fn(&FactRow) -> &str| -> ArrayRef {
         Arc::new(rows.iter().map(|r| Some(f(r))).collect::<StringArray>())
@@ -243,6 +259,9 @@ pub fn facts_batch(rows: &[FactRow]) -> Result<RecordBatch> {
         f32s(|r| r.low_score),
         Arc::new(rows.iter().map(|r| r.correct).collect::<BooleanArray>()),
         Arc::new(rows.iter().map(|r| Some(r.traced)).collect::<BooleanArray>()),
+        Arc::new(traced_tokens.finish()),
+        u32s(|r| r.n_layers),
+        u32s(|r| r.n_heads),
         Arc::new(rows.iter().map(|r| r.noise_level).collect::<Float64Array>()),
         u32s(|r| r.samples),
         strings(|r| &r.model),
@@ -257,6 +276,7 @@ pub fn traces_batch(rows: &[TraceRow]) -> Result<RecordBatch> {
         Arc::new(rows.iter().map(|r| Some(r.kind.name())).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| r.layer).collect::<UInt32Array>()),
         Arc::new(rows.iter().map(|r| r.token).collect::<UInt32Array>()),
+        Arc::new(rows.iter().map(|r| r.head).collect::<UInt32Array>()),
         Arc::new(rows.iter().map(|r| Some(r.category.name())).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| r.score).collect::<Float32Array>()),
     ];
@@ -317,6 +337,7 @@ pub fn read_traces(bytes: &Bytes) -> Result<Vec<TraceRow>> {
         let kinds = column(&b, "kind", what)?.as_string::<i32>();
         let layers = column(&b, "layer", what)?.as_primitive::<UInt32Type>();
         let tokens = column(&b, "token", what)?.as_primitive::<UInt32Type>();
+        let heads = column(&b, "head", what)?.as_primitive::<UInt32Type>();
         let categories = column(&b, "token_category", what)?.as_string::<i32>();
         let scores = column(&b, "score", what)?.as_primitive::<Float32Type>();
         for i in 0..b.num_rows() {
@@ -331,11 +352,13 @@ pub fn read_traces(bytes: &Bytes) -> Result<Vec<TraceRow>> {
                     what: what.into(),
                     message: format!("unknown token_category {:?}", categories.value(i)),
                 })?;
+            use arrow_array::Array;
             out.push(TraceRow {
                 known_id: ids.value(i),
                 kind,
                 layer: layers.value(i),
                 token: tokens.value(i),
+                head: heads.is_valid(i).then(|| heads.value(i)),
                 category,
                 score: scores.value(i),
             });
@@ -375,6 +398,12 @@ pub struct FactSummary {
     pub relation_id: Option<String>,
     /// The noise level.
     pub noise_level: f64,
+    /// The tokens whose rows were computed.
+    pub traced_tokens: Vec<usize>,
+    /// The model's layers.
+    pub n_layers: u32,
+    /// The model's query heads.
+    pub n_heads: u32,
 }
 
 /// Reads a `facts` file back (the summary columns).
@@ -392,9 +421,18 @@ pub fn read_facts(bytes: &Bytes) -> Result<Vec<FactSummary>> {
         let start = column(&b, "subject_start", what)?.as_primitive::<UInt32Type>();
         let end = column(&b, "subject_end", what)?.as_primitive::<UInt32Type>();
         let relation = column(&b, "relation_id", what)?.as_string::<i32>();
+        let traced_tokens = column(&b, "traced_tokens", what)?.as_list::<i32>();
+        let n_layers = column(&b, "n_layers", what)?.as_primitive::<UInt32Type>();
+        let n_heads = column(&b, "n_heads", what)?.as_primitive::<UInt32Type>();
         for i in 0..b.num_rows() {
             use arrow_array::Array;
+            let list = traced_tokens.value(i);
+            let traced_tokens =
+                list.as_primitive::<UInt32Type>().values().iter().map(|&t| t as usize).collect();
             out.push(FactSummary {
+                traced_tokens,
+                n_layers: n_layers.value(i),
+                n_heads: n_heads.value(i),
                 correct: correct.is_valid(i).then(|| correct.value(i)),
                 subject: (start.value(i) as usize, end.value(i) as usize),
                 relation_id: relation.is_valid(i).then(|| relation.value(i).to_string()),
@@ -467,6 +505,7 @@ mod tests {
                 kind: Kind::Mlp,
                 layer: 2,
                 token: 1,
+                head: None,
                 category: TokenCategory::LastSubject,
                 score: 0.25,
             },
@@ -475,6 +514,7 @@ mod tests {
                 kind: Kind::Mlp,
                 layer: 0,
                 token: 0,
+                head: Some(3),
                 category: TokenCategory::Before,
                 score: 1e-7,
             },
@@ -506,6 +546,9 @@ mod tests {
             low_score: 0.1,
             correct: Some(true),
             traced: true,
+            traced_tokens: vec![1],
+            n_layers: 4,
+            n_heads: 2,
             noise_level: 0.3,
             samples: 10,
             model: "m".into(),
@@ -514,52 +557,9 @@ mod tests {
         let back = read_facts(&bytes).expect("read");
         assert_eq!(back[0].known_id, 9);
         assert_eq!(back[0].n_tokens, 2);
+        assert_eq!(
+            (back[0].traced_tokens.clone(), back[0].n_layers, back[0].n_heads),
+            (vec![1], 4, 2)
+        );
     }
-}
-
-/// One cell of a sweep's summary (`summary.parquet`): Figure 2 for one kind.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SummaryRow {
-    /// `hidden`, `mlp` or `attn`.
-    pub kind: Kind,
-    /// One of [`crate::rollup::CATEGORIES`].
-    pub category: &'static str,
-    /// The layer.
-    pub layer: u32,
-    /// Average indirect effect: mean score − mean low_score.
-    pub aie: f64,
-    /// Mean score.
-    pub mean: f64,
-    /// Standard deviation of the scores (ddof 0).
-    pub std: f64,
-    /// Rows averaged.
-    pub n: u64,
-}
-
-/// The `summary` schema.
-pub fn summary_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("category", DataType::Utf8, false),
-        Field::new("layer", DataType::UInt32, false),
-        Field::new("aie", DataType::Float64, true),
-        Field::new("mean", DataType::Float64, true),
-        Field::new("std", DataType::Float64, true),
-        Field::new("n", DataType::UInt64, false),
-    ]))
-}
-
-/// Summary rows as a record batch (NaN, for a category no fact has, becomes null).
-pub fn summary_batch(rows: &[SummaryRow]) -> Result<RecordBatch> {
-    let opt = |v: f64| v.is_finite().then_some(v);
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(rows.iter().map(|r| Some(r.kind.name())).collect::<StringArray>()),
-        Arc::new(rows.iter().map(|r| Some(r.category)).collect::<StringArray>()),
-        Arc::new(rows.iter().map(|r| r.layer).collect::<UInt32Array>()),
-        Arc::new(rows.iter().map(|r| opt(r.aie)).collect::<Float64Array>()),
-        Arc::new(rows.iter().map(|r| opt(r.mean)).collect::<Float64Array>()),
-        Arc::new(rows.iter().map(|r| opt(r.std)).collect::<Float64Array>()),
-        Arc::new(rows.iter().map(|r| r.n).collect::<UInt64Array>()),
-    ];
-    batch(summary_schema(), columns, "summary")
 }

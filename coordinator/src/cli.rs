@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use common::flags::{ClientTlsFlags, TraceFlags};
+use common::flags::{ClientTlsFlags, ExperimentFlags};
 
 /// The causal-tracing sweep coordinator.
 #[derive(Debug, Parser)]
@@ -84,9 +84,9 @@ pub struct RunArgs {
     /// Trace only the first N valid facts of the dataset.
     #[arg(long)]
     pub limit: Option<u64>,
-    /// The trace settings.
+    /// The experiment: what is corrupted, restored and measured.
     #[command(flatten)]
-    pub trace: TraceFlags,
+    pub experiment: ExperimentFlags,
     /// Layers per job (default: all layers of a fact in one job).
     #[arg(long)]
     pub layers_per_job: Option<u32>,

@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod cli;
+mod drive;
 mod journal;
 mod local;
 mod manifest;

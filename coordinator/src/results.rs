@@ -1,104 +1,207 @@
 //! A worker's result checked and turned into table rows. A result whose shape does not match
-//! its job (wrong token count, missing kind, non-finite score) is refused as a failed try
-//! rather than written: a table row is either right or absent.
+//! its job (wrong token count, a missing kind, a table that does not fit its kind's axes, a
+//! non-finite score) is refused as a failed try rather than written: a table row is either
+//! right or absent.
 
 use std::ops::Range;
 
 use common::dataset::KnownFact;
-use common::settings::Kind;
-use common::sweep::SweepSettings;
+use common::experiment::Experiment;
+use common::kinds::{Geometry, Kind};
 use common::tables::{FactRow, TokenCategory, TraceRow};
+
+/// The most tokens a result may have: far beyond any prompt of a knowns dataset, and a
+/// bound on the rows one result can make.
+pub const MAX_TOKENS: usize = 4096;
+
+/// Why a result does not fit its job. A refused result is a failed try of the job.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ResultError {
+    /// More tokens than any prompt has.
+    #[error("{0} tokens: more than the {MAX_TOKENS} a result may hold")]
+    TooManyTokens(usize),
+    /// A probability outside [0, 1] (or NaN).
+    #[error("{what} is {value}, not a probability")]
+    NotAProbability {
+        /// Which number.
+        what: String,
+        /// Its value.
+        value: f32,
+    },
+    /// A noise level that is not one.
+    #[error("noise_level {0} is not a level")]
+    NoiseLevel(f64),
+    /// Token strings and ids disagree, or there are none.
+    #[error("{tokens} tokens and {ids} token ids")]
+    Tokens {
+        /// Token strings.
+        tokens: usize,
+        /// Token ids.
+        ids: usize,
+    },
+    /// The subject range does not lie in the prompt.
+    #[error("subject range {start}..{end} outside {t_len} tokens")]
+    Subject {
+        /// Its start.
+        start: u32,
+        /// Its end.
+        end: u32,
+        /// The prompt's tokens.
+        t_len: usize,
+    },
+    /// A kind the experiment does not have, an unknown one, or one twice.
+    #[error("kind {0}")]
+    Kind(String),
+    /// Not one table per kind.
+    #[error("{tables} score tables for {kinds} kinds")]
+    Tables {
+        /// Tables sent.
+        tables: usize,
+        /// Kinds asked for.
+        kinds: usize,
+    },
+    /// The traced tokens are not the experiment's selector applied to this prompt.
+    #[error("{kind}: traced tokens {got:?}, expected {expected:?}")]
+    TracedTokens {
+        /// The kind.
+        kind: Kind,
+        /// Sent.
+        got: Vec<u32>,
+        /// Expected.
+        expected: Vec<u32>,
+    },
+    /// A table of the wrong size for its axes.
+    #[error("{kind}: {got} scores for {tokens} tokens × {layers} layers × {heads} heads")]
+    Shape {
+        /// The kind.
+        kind: Kind,
+        /// Scores sent.
+        got: usize,
+        /// Traced tokens.
+        tokens: usize,
+        /// The job's layers.
+        layers: usize,
+        /// Heads per layer along the kind's axes (1 without a head axis).
+        heads: usize,
+    },
+    /// Scores for a fact the worker did not trace.
+    #[error("scores for a fact that was not traced")]
+    ScoresUntraced,
+}
 
 /// The rows of one trace job.
 #[derive(Debug, Default)]
 pub struct JobRows {
     /// The fact's row: from the job holding layer 0, so each fact has one.
     pub fact: Option<FactRow>,
-    /// `traces` rows, T × layers per kind.
+    /// `traces` rows: traced tokens × layers (× heads) per kind.
     pub traces: Vec<TraceRow>,
 }
 
-/// Checks `result` against its job and makes its rows.
-/// The most tokens a result may have: far beyond any prompt of a knowns dataset, and a
-/// bound on the rows one result can make.
-pub const MAX_TOKENS: usize = 4096;
+/// What a result is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct JobContext<'a> {
+    /// The fact.
+    pub fact: &'a KnownFact,
+    /// The job's layers.
+    pub layers: &'a Range<u32>,
+    /// The experiment.
+    pub experiment: &'a Experiment,
+    /// The model's layers and heads.
+    pub geometry: Geometry,
+    /// Noise samples, for the `facts` row.
+    pub samples: u32,
+    /// The model's name, for the `facts` row.
+    pub model: &'a str,
+}
 
-pub fn job_rows(
-    fact: &KnownFact,
-    layers: &Range<u32>,
-    settings: &SweepSettings,
-    model: &str,
-    result: &proto::TraceResult,
-) -> Result<JobRows, String> {
+fn probability(what: impl FnOnce() -> String, value: f32) -> Result<(), ResultError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(ResultError::NotAProbability { what: what(), value })
+    }
+}
+
+/// Checks `result` against its job and makes its rows. The shape of every table comes
+/// from its kind's axes and the experiment's token selector.
+pub fn job_rows(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<JobRows, ResultError> {
     let t_len = result.tokens.len();
     if t_len > MAX_TOKENS {
-        return Err(format!("{t_len} tokens: more than the {MAX_TOKENS} a result may hold"));
+        return Err(ResultError::TooManyTokens(t_len));
     }
-    let probability = |p: f32| (0.0..=1.0).contains(&p);
-    if !probability(result.high_score) || !probability(result.low_score) {
-        return Err(format!(
-            "high_score {} and low_score {} must be probabilities",
-            result.high_score, result.low_score
-        ));
-    }
+    probability(|| "high_score".into(), result.high_score)?;
+    probability(|| "low_score".into(), result.low_score)?;
     if !(result.noise_level.is_finite() && result.noise_level >= 0.0) {
-        return Err(format!("noise_level {} is not a level", result.noise_level));
+        return Err(ResultError::NoiseLevel(result.noise_level));
     }
     if t_len == 0 || result.token_ids.len() != t_len {
-        return Err(format!(
-            "{} tokens and {} token ids",
-            result.tokens.len(),
-            result.token_ids.len()
-        ));
+        return Err(ResultError::Tokens { tokens: t_len, ids: result.token_ids.len() });
     }
-    let subject = (result.subject_start as usize, result.subject_end as usize);
-    if subject.0 >= subject.1 || subject.1 > t_len {
-        return Err(format!("subject range {}..{} outside {t_len} tokens", subject.0, subject.1));
+    let (start, end) = (result.subject_start, result.subject_end);
+    if start >= end || end as usize > t_len {
+        return Err(ResultError::Subject { start, end, t_len });
     }
-    let width = (layers.end - layers.start) as usize;
+    let subject = (start as usize, end as usize);
+    let expected_tokens: Vec<u32> =
+        ctx.experiment.tokens.select(subject, t_len).into_iter().map(|t| t as u32).collect();
+    let width = (ctx.layers.end - ctx.layers.start) as usize;
+    let kinds = &ctx.experiment.kinds;
     let mut traces = Vec::new();
     if result.traced {
-        if result.scores.len() != settings.kinds.len() {
-            return Err(format!(
-                "{} score tables for {} kinds",
-                result.scores.len(),
-                settings.kinds.len()
-            ));
+        if result.scores.len() != kinds.len() {
+            return Err(ResultError::Tables { tables: result.scores.len(), kinds: kinds.len() });
         }
-        traces.reserve(t_len * width * settings.kinds.len());
+        let mut seen = Vec::with_capacity(kinds.len());
         for table in &result.scores {
-            let kind: Kind = table.kind.parse()?;
-            if !settings.kinds.contains(&kind) {
-                return Err(format!("kind {kind} was not asked for"));
+            let kind = proto::convert::kind(table.kind)
+                .ok_or_else(|| ResultError::Kind(format!("{} is unknown", table.kind)))?;
+            if !kinds.contains(&kind) {
+                return Err(ResultError::Kind(format!("{kind} was not asked for")));
             }
-            if result.scores.iter().filter(|t| t.kind == table.kind).count() > 1 {
-                return Err(format!("kind {kind} twice"));
+            if seen.contains(&kind) {
+                return Err(ResultError::Kind(format!("{kind} twice")));
             }
-            if table.scores.len() != t_len * width {
-                return Err(format!(
-                    "{kind}: {} scores for {t_len} tokens × {width} layers",
-                    table.scores.len()
-                ));
-            }
-            for (i, &score) in table.scores.iter().enumerate() {
-                if !probability(score) {
-                    return Err(format!("{kind}: score {i} is {score}, not a probability"));
-                }
-                let (t, l) = (i / width, i % width);
-                traces.push(TraceRow {
-                    known_id: fact.known_id,
+            seen.push(kind);
+            if table.tokens != expected_tokens {
+                return Err(ResultError::TracedTokens {
                     kind,
-                    layer: layers.start + l as u32,
-                    token: t as u32,
-                    category: TokenCategory::of(t, subject, t_len),
+                    got: table.tokens.clone(),
+                    expected: expected_tokens.clone(),
+                });
+            }
+            let heads = kind.heads(ctx.geometry);
+            let per_token = width * heads;
+            if table.scores.len() != expected_tokens.len() * per_token {
+                return Err(ResultError::Shape {
+                    kind,
+                    got: table.scores.len(),
+                    tokens: expected_tokens.len(),
+                    layers: width,
+                    heads,
+                });
+            }
+            traces.reserve(table.scores.len());
+            for (i, &score) in table.scores.iter().enumerate() {
+                probability(|| format!("{kind} score {i}"), score)?;
+                let t = expected_tokens[i / per_token];
+                let (l, h) = ((i % per_token) / heads, i % heads);
+                traces.push(TraceRow {
+                    known_id: ctx.fact.known_id,
+                    kind,
+                    layer: ctx.layers.start + l as u32,
+                    token: t,
+                    head: kind.has_heads().then_some(h as u32),
+                    category: TokenCategory::of(t as usize, subject, t_len),
                     score,
                 });
             }
         }
     } else if !result.scores.is_empty() {
-        return Err("scores for a fact that was not traced".into());
+        return Err(ResultError::ScoresUntraced);
     }
-    let fact_row = (layers.start == 0).then(|| FactRow {
+    let fact = ctx.fact;
+    let fact_row = (ctx.layers.start == 0).then(|| FactRow {
         known_id: fact.known_id,
         relation_id: fact.relation_id.clone(),
         prompt: fact.prompt.clone(),
@@ -114,35 +217,26 @@ pub fn job_rows(
         low_score: result.low_score,
         correct: result.correct,
         traced: result.traced,
+        traced_tokens: if result.traced { expected_tokens } else { Vec::new() },
+        n_layers: ctx.geometry.n_layers as u32,
+        n_heads: ctx.geometry.n_heads as u32,
         noise_level: result.noise_level,
-        samples: settings.samples,
-        model: model.to_string(),
+        samples: ctx.samples,
+        model: ctx.model.to_string(),
     });
     Ok(JobRows { fact: fact_row, traces })
 }
 
 #[cfg(test)]
 mod tests {
-    use common::settings::{Correctness, NoiseSpec, SeedMode};
+    use common::experiment::{TokenRole, Tokens};
 
     use super::*;
 
-    fn settings() -> SweepSettings {
-        SweepSettings {
-            dataset_digest: "d".into(),
-            model_fingerprint: "m".into(),
-            kinds: vec![Kind::Hidden, Kind::Mlp],
-            samples: 2,
-            window: 3,
-            noise: NoiseSpec::Level(0.1),
-            replace: false,
-            seed_mode: SeedMode::Rome,
-            seed: 0,
-            correctness: Correctness::None,
-            layers_per_job: Some(2),
-            limit: None,
-            dtype: "f32".into(),
-        }
+    const G: Geometry = Geometry { n_layers: 4, n_heads: 2 };
+
+    fn experiment(kinds: &[Kind], tokens: Tokens) -> Experiment {
+        Experiment { kinds: kinds.to_vec(), tokens, ..Experiment::rome() }
     }
 
     fn fact() -> KnownFact {
@@ -157,10 +251,17 @@ mod tests {
         }
     }
 
-    fn result(width: usize) -> proto::TraceResult {
-        let table = |kind: &str| proto::KindScores {
-            kind: kind.into(),
-            scores: (0..3 * width).map(|i| i as f32 / 10.0).collect(),
+    fn ctx<'a>(e: &'a Experiment, layers: &'a Range<u32>, f: &'a KnownFact) -> JobContext<'a> {
+        JobContext { fact: f, layers, experiment: e, geometry: G, samples: 2, model: "m" }
+    }
+
+    /// A well-formed result of a 3-token fact with subject [0, 1) for `e` over `width` layers.
+    fn result(e: &Experiment, width: usize) -> proto::TraceResult {
+        let tokens: Vec<u32> = e.tokens.select((0, 1), 3).into_iter().map(|t| t as u32).collect();
+        let table = |kind: Kind| proto::KindScores {
+            kind: proto::Kind::from(kind) as i32,
+            tokens: tokens.clone(),
+            scores: (0..tokens.len() * width * kind.heads(G)).map(|i| i as f32 / 100.0).collect(),
         };
         proto::TraceResult {
             tokens: vec!["A".into(), " is".into(), " it".into()],
@@ -168,21 +269,44 @@ mod tests {
             subject_start: 0,
             subject_end: 1,
             traced: true,
-            scores: vec![table("hidden"), table("mlp")],
+            scores: e.kinds.iter().map(|&k| table(k)).collect(),
             ..proto::TraceResult::default()
         }
     }
 
     #[test]
     fn rows_cover_the_jobs_layers_and_only_layer_zero_writes_the_fact() {
-        let rows = job_rows(&fact(), &(2..4), &settings(), "m", &result(2)).expect("valid");
+        let (e, f) = (experiment(&[Kind::Hidden, Kind::Mlp], Tokens::all()), fact());
+        let rows = job_rows(&ctx(&e, &(2..4), &f), &result(&e, 2)).expect("valid");
         assert!(rows.fact.is_none());
         assert_eq!(rows.traces.len(), 3 * 2 * 2);
         let r = rows.traces[3];
-        assert_eq!((r.kind, r.token, r.layer, r.score), (Kind::Hidden, 1, 3, 0.3));
+        assert_eq!((r.kind, r.token, r.layer, r.head, r.score), (Kind::Hidden, 1, 3, None, 0.03));
         assert_eq!(r.category, TokenCategory::FirstSubsequent);
-        let first = job_rows(&fact(), &(0..2), &settings(), "m", &result(2)).expect("valid");
-        assert_eq!(first.fact.expect("fact row").relation_id.as_deref(), Some("P1"));
+        let first = job_rows(&ctx(&e, &(0..2), &f), &result(&e, 2)).expect("valid");
+        let row = first.fact.expect("fact row");
+        assert_eq!(row.relation_id.as_deref(), Some("P1"));
+        assert_eq!((row.traced_tokens, row.n_layers, row.n_heads), (vec![0, 1, 2], 4, 2));
+    }
+
+    #[test]
+    fn heads_and_token_selectors_shape_the_rows() {
+        let tokens = Tokens(vec![TokenRole::LastSubject, TokenRole::Last]);
+        let (e, f) = (experiment(&[Kind::Head], tokens), fact());
+        let rows = job_rows(&ctx(&e, &(1..3), &f), &result(&e, 2)).expect("valid");
+        // Tokens 0 (the one-token subject) and 2 (the last), 2 layers, 2 heads.
+        assert_eq!(rows.traces.len(), 2 * 2 * 2);
+        let r = rows.traces[5];
+        assert_eq!((r.token, r.layer, r.head), (2, 1, Some(1)));
+        assert_eq!(r.score, 0.05);
+        let mut wrong = result(&e, 2);
+        wrong.scores[0].tokens = vec![0, 1, 2];
+        let err = job_rows(&ctx(&e, &(1..3), &f), &wrong).expect_err("all tokens");
+        assert!(matches!(err, ResultError::TracedTokens { .. }), "{err}");
+        let mut short = result(&e, 2);
+        short.scores[0].scores.truncate(4);
+        let err = job_rows(&ctx(&e, &(1..3), &f), &short).expect_err("one head");
+        assert!(err.to_string().contains("2 heads"), "{err}");
     }
 
     /// One defect a hostile or broken worker could put into a well-formed result.
@@ -196,13 +320,14 @@ mod tests {
             0 => set_first(&mut r.scores[0].scores, f32::NAN),
             1 => set_first(&mut r.scores[1].scores, 1.5),
             2 => drop(r.scores[0].scores.pop()),
-            3 => r.scores[1].kind = r.scores[0].kind.clone(),
-            4 => r.scores[0].kind = "resid".into(),
+            3 => r.scores[1].kind = r.scores[0].kind,
+            4 => r.scores[0].kind = 99,
             5 => r.subject_end = n_tokens as u32 + 1,
             6 => r.token_ids.push(0),
             7 => r.high_score = f32::NAN,
             8 => r.traced = false,
             9 => r.scores.push(r.scores[0].clone()),
+            10 => r.scores[1].tokens.push(n_tokens as u32),
             _ => r.noise_level = -1.0,
         }
     }
@@ -212,9 +337,10 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
             std::env::var("CT_FUZZ_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(3000)
         ))]
-        /// Fuzzing the result check: a well-formed result for any job shape passes and
-        /// makes exactly one probability per (kind, token, layer); the same result with any
-        /// defects never passes, and nothing panics.
+        /// Fuzzing the result check: a well-formed result for any job shape (kinds with and
+        /// without a head axis, any token selector) passes and makes exactly one probability
+        /// per (kind, token, layer, head); the same result with any defects never passes, and
+        /// nothing panics.
         #[test]
         fn only_well_formed_results_pass(
             n_tokens in 1usize..7,
@@ -222,16 +348,25 @@ mod tests {
             layer_start in 0u32..4,
             width in 1u32..4,
             swap_kinds in proptest::prelude::any::<bool>(),
-            values in proptest::collection::vec(0f32..=1.0, 2 * 6 * 3),
-            defects in proptest::collection::vec(0usize..11, 0..3),
+            only_some_tokens in proptest::prelude::any::<bool>(),
+            values in proptest::collection::vec(0f32..=1.0, 2 + 6 * 3 * 2 * 2),
+            defects in proptest::collection::vec(0usize..12, 0..3),
         ) {
             let s0 = subject.0 % n_tokens;
             let s1 = s0 + 1 + subject.1 % (n_tokens - s0);
-            let per_kind = n_tokens * width as usize;
-            let mut kinds = ["hidden", "mlp"];
+            let mut kinds = [Kind::Hidden, Kind::Head];
             if swap_kinds {
                 kinds.swap(0, 1);
             }
+            let tokens = if only_some_tokens {
+                Tokens(vec![TokenRole::LastSubject, TokenRole::Last])
+            } else {
+                Tokens::all()
+            };
+            let e = experiment(&kinds, tokens);
+            let traced: Vec<u32> =
+                e.tokens.select((s0, s1), n_tokens).into_iter().map(|t| t as u32).collect();
+            let mut next = 2;
             let mut result = proto::TraceResult {
                 tokens: (0..n_tokens).map(|t| format!("t{t}")).collect(),
                 token_ids: (0..n_tokens as u32).collect(),
@@ -240,27 +375,34 @@ mod tests {
                 traced: true,
                 high_score: values[0],
                 low_score: values[1],
-                scores: kinds.iter().enumerate().map(|(k, kind)| proto::KindScores {
-                    kind: (*kind).into(),
-                    scores: values[k * per_kind..(k + 1) * per_kind].to_vec(),
+                scores: kinds.iter().map(|&kind| {
+                    let n = traced.len() * width as usize * kind.heads(G);
+                    next += n;
+                    proto::KindScores {
+                        kind: proto::Kind::from(kind) as i32,
+                        tokens: traced.clone(),
+                        scores: values[next - n..next].to_vec(),
+                    }
                 }).collect(),
                 ..proto::TraceResult::default()
             };
             for &d in &defects {
                 spoil(&mut result, d, n_tokens);
             }
-            let layers = layer_start..layer_start + width;
-            match job_rows(&fact(), &layers, &settings(), "m", &result) {
+            let (layers, f) = (layer_start..layer_start + width, fact());
+            match job_rows(&ctx(&e, &layers, &f), &result) {
                 Ok(rows) => {
                     proptest::prop_assert!(defects.is_empty(), "a spoiled result passed: {defects:?}");
                     let mut seen = std::collections::HashSet::new();
                     for r in &rows.traces {
                         proptest::prop_assert!((0.0..=1.0).contains(&r.score));
                         proptest::prop_assert!(layers.contains(&r.layer));
-                        proptest::prop_assert!((r.token as usize) < n_tokens);
-                        proptest::prop_assert!(seen.insert((r.kind, r.token, r.layer)));
+                        proptest::prop_assert!(traced.contains(&r.token));
+                        proptest::prop_assert_eq!(r.head.is_some(), r.kind == Kind::Head);
+                        proptest::prop_assert!(seen.insert((r.kind, r.token, r.layer, r.head)));
                     }
-                    proptest::prop_assert_eq!(rows.traces.len(), 2 * per_kind);
+                    let per_token = width as usize * (1 + G.n_heads);
+                    proptest::prop_assert_eq!(rows.traces.len(), traced.len() * per_token);
                 }
                 Err(_) => proptest::prop_assert!(!defects.is_empty(), "a well-formed result failed"),
             }
@@ -269,34 +411,38 @@ mod tests {
 
     #[test]
     fn results_that_do_not_fit_their_job_are_refused() {
-        let s = settings();
-        assert!(job_rows(&fact(), &(0..3), &s, "m", &result(2)).is_err(), "wrong width");
-        let mut r = result(2);
+        let (e, f) = (experiment(&[Kind::Hidden, Kind::Mlp], Tokens::all()), fact());
+        let c = ctx(&e, &(0..2), &f);
+        let wide = ctx(&e, &(0..3), &f);
+        assert!(job_rows(&wide, &result(&e, 2)).is_err(), "wrong width");
+        let mut r = result(&e, 2);
         r.scores.pop();
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "missing kind");
-        let mut r = result(2);
+        assert!(job_rows(&c, &r).is_err(), "missing kind");
+        let mut r = result(&e, 2);
         r.scores[0].scores[1] = f32::NAN;
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).expect_err("NaN").contains("NaN"));
-        let mut r = result(2);
+        assert!(job_rows(&c, &r).expect_err("NaN").to_string().contains("NaN"));
+        let mut r = result(&e, 2);
         r.subject_end = 4;
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "subject outside");
-        let mut r = result(2);
-        r.scores[1].kind = "hidden".into();
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).expect_err("twice").contains("twice"));
-        let mut r = result(2);
+        assert!(job_rows(&c, &r).is_err(), "subject outside");
+        let mut r = result(&e, 2);
+        r.scores[1].kind = r.scores[0].kind;
+        assert!(job_rows(&c, &r).expect_err("twice").to_string().contains("twice"));
+        let mut r = result(&e, 2);
         r.scores[0].scores[0] = 1.5;
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "not a probability");
-        let mut r = result(2);
+        assert!(job_rows(&c, &r).is_err(), "not a probability");
+        let mut r = result(&e, 2);
         r.high_score = f32::INFINITY;
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "high score");
-        let mut r = result(2);
+        assert!(job_rows(&c, &r).is_err(), "high score");
+        let mut r = result(&e, 2);
         r.tokens = vec!["t".into(); MAX_TOKENS + 1];
         r.token_ids = vec![0; MAX_TOKENS + 1];
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "too many tokens");
-        let mut r = result(2);
+        assert_eq!(job_rows(&c, &r).expect_err("long"), ResultError::TooManyTokens(MAX_TOKENS + 1));
+        let mut r = result(&e, 2);
         r.traced = false;
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).is_err(), "scores without a trace");
+        assert_eq!(job_rows(&c, &r).expect_err("untraced"), ResultError::ScoresUntraced);
         r.scores.clear();
-        assert!(job_rows(&fact(), &(0..2), &s, "m", &r).expect("untraced").traces.is_empty());
+        let untraced = job_rows(&c, &r).expect("untraced");
+        assert!(untraced.traces.is_empty());
+        assert!(untraced.fact.expect("fact").traced_tokens.is_empty());
     }
 }

@@ -1,24 +1,28 @@
-//! `coordinator run`: the whole sweep, from the dataset to the committed tables.
+//! `coordinator run`: the whole sweep, from the dataset to the committed tables, as the
+//! steps of [`run`].
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::dataset::KnownFact;
 use common::dataset_formats::parse_knowns;
+use common::experiment::Experiment;
 use common::fingerprint::model_fingerprint;
-use common::retry::{self, retry};
+use common::retry::retry;
 use common::storage::Location;
-use common::sweep::{CALIBRATION_JOB, SweepSettings};
+use common::sweep::{CALIBRATION_JOB, SCHEMA, SweepSettings};
 use common::tables::ErrorRow;
 use tokio::net::TcpListener;
 
 use crate::cli::RunArgs;
-use crate::journal::{self, Totals};
+use crate::drive::{Ending, FlushPolicy, Signals, drive, flush_with_retries};
+use crate::journal::{self, Replayed};
 use crate::local::{LocalWorkers, WorkerCommand, find_worker_bin};
-use crate::manifest::{self, DatasetInfo, JobsInfo, Manifest, NoiseInfo};
+use crate::manifest::{self, DatasetInfo, JobsInfo, Manifest, NoiseInfo, SweepState};
 use crate::metrics::Metrics;
-use crate::progress::Progress;
 use crate::scheduler::{JobSpec, Scheduler, Work};
 use crate::service::{Service, Shared, Sweep};
 use crate::writer::Writer;
@@ -26,8 +30,100 @@ use crate::writer::Writer;
 /// The pseudo-job whose commit holds the dataset's broken records.
 const DATASET_JOB: &str = "dataset";
 
+/// Runs or resumes a sweep.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let experiment = args.experiment.experiment()?;
+    check_args(&args)?;
+    let network = Network::configure(&args)?;
+    let give_up = Duration::try_from_secs_f64(args.storage_give_up_secs).unwrap_or(Duration::MAX);
+    let inputs = read_inputs(&args, give_up).await?;
+    let settings = SweepSettings {
+        schema: SCHEMA,
+        dataset_digest: inputs.dataset_digest.clone(),
+        model_fingerprint: inputs.model_fingerprint.clone(),
+        experiment,
+        layers_per_job: args.layers_per_job,
+        limit: args.limit,
+        dtype: args.dtype.clone(),
+    };
+    let sweep_id = args.sweep_id.clone().unwrap_or_else(|| settings.default_sweep_id());
+    let (out, injected) = open_output(&args, &sweep_id)?;
+    let previous = retry("reading the manifest", give_up, || manifest::read(&out)).await?;
+    if let Some(m) = &previous {
+        if !resume_allowed(m, &settings, &out, &args)? {
+            return Ok(());
+        }
+    }
+    // Replay only reads and deletes uncommitted files, so it can be repeated.
+    let replayed = retry("replaying the journal", give_up, || journal::replay(&out)).await?;
+    report_replay(&sweep_id, &replayed);
+
+    let shared = Arc::new(shared_state(
+        &args,
+        sweep_id.clone(),
+        settings,
+        &inputs,
+        &out,
+        &replayed,
+        started,
+    ));
+    queue_first_jobs(&shared, &replayed, &inputs)?;
+    let mut info = ManifestInfo {
+        args: &args,
+        created: previous.as_ref().map_or_else(manifest::now_unix, |m| m.created_unix),
+        dataset: inputs.dataset_info(shared.sweep.facts.len()),
+    };
+    let running = info.manifest(&shared, SweepState::Running);
+    retry("writing the manifest", give_up, || manifest::write(&out, &running)).await?;
+
+    let servers = network.serve(&shared, args.metrics_listen).await?;
+    eprintln!(
+        "sweep {sweep_id}: {} facts, listening on {}, writing to {}",
+        shared.sweep.facts.len(),
+        servers.addr,
+        out.display
+    );
+    let mut local = start_local_workers(&args, servers.addr)?;
+
+    let policy = FlushPolicy {
+        every: Duration::from_secs_f64(args.flush_secs),
+        rows: args.flush_rows,
+        give_up_secs: args.storage_give_up_secs,
+    };
+    let outcome = drive(&shared, policy, &out, &mut info, local.as_mut()).await;
+    let state = match &outcome {
+        Ok(Ending::Finished) => SweepState::Finished,
+        Ok(Ending::Interrupted) => SweepState::Running,
+        Err(_) => SweepState::Failed,
+    };
+    // Last commit, then the manifest; rows that cannot be written are lost only with a
+    // storage failure, and then the jobs are simply redone by the next run.
+    let flushed =
+        flush_with_retries(&shared, &out, &mut info, state, args.storage_give_up_secs).await;
+    if args.inject_storage_faults.is_some() {
+        eprintln!(
+            "storage faults injected: {}",
+            injected.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    if state == SweepState::Finished {
+        linger(args.linger_secs).await?;
+    }
+    servers.stop(local).await;
+    flushed?;
+    match outcome? {
+        Ending::Finished => {
+            print_summary(&info.manifest(&shared, state), &out.display, Some(started.elapsed()));
+            Ok(())
+        }
+        Ending::Interrupted => {
+            bail!("interrupted; run the same command again to resume sweep {sweep_id}")
+        }
+    }
+}
+
 fn check_args(args: &RunArgs) -> anyhow::Result<()> {
-    args.trace.check().map_err(anyhow::Error::msg)?;
     if !["f32", "f16", "bf16"].contains(&args.dtype.as_str()) {
         bail!("--dtype {}: expected f32, f16 or bf16", args.dtype);
     }
@@ -48,128 +144,224 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs or resumes a sweep.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    check_args(&args)?;
-    let started = Instant::now();
-    let listen = args.listen.unwrap_or_else(|| {
-        if args.local_workers.is_some() { "127.0.0.1:0" } else { "0.0.0.0:50051" }
-            .parse()
-            .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-    });
-    let token = proto::auth::Token::configured(args.token_file.as_deref())?;
-    let tls = proto::tls::server_config(
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-        args.tls_client_ca.as_deref(),
-    )?;
-    if tls.is_some() && args.local_workers.is_some_and(|n| n > 0) {
-        bail!(
-            "--tls-cert with --local-workers: local workers talk to the coordinator over \
-             loopback, without TLS; use TLS for remote workers"
-        );
-    }
-    let server = crate::server::builder(tls)?;
-    if token.is_none() && !listen.ip().is_loopback() && !args.insecure_no_auth {
-        bail!(
-            "--listen {listen} is reachable beyond this machine, but no token is set: give one \
-             in CT_TOKEN or --token-file (workers need the same), or pass --insecure-no-auth \
-             on a network where every peer is trusted"
-        );
+/// Where and how workers reach the coordinator: checked before anything is read or written.
+struct Network {
+    listen: SocketAddr,
+    token: Option<proto::auth::Token>,
+    server: tonic::transport::Server,
+}
+
+impl Network {
+    fn configure(args: &RunArgs) -> anyhow::Result<Self> {
+        let listen = args.listen.unwrap_or_else(|| {
+            let default =
+                if args.local_workers.is_some() { "127.0.0.1:0" } else { "0.0.0.0:50051" };
+            default.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        });
+        let token = proto::auth::Token::configured(args.token_file.as_deref())?;
+        let tls = proto::tls::server_config(
+            args.tls_cert.as_deref(),
+            args.tls_key.as_deref(),
+            args.tls_client_ca.as_deref(),
+        )?;
+        if tls.is_some() && args.local_workers.is_some_and(|n| n > 0) {
+            bail!(
+                "--tls-cert with --local-workers: local workers talk to the coordinator over \
+                 loopback, without TLS; use TLS for remote workers"
+            );
+        }
+        let server = crate::server::builder(tls)?;
+        if token.is_none() && !listen.ip().is_loopback() && !args.insecure_no_auth {
+            bail!(
+                "--listen {listen} is reachable beyond this machine, but no token is set: give one \
+                 in CT_TOKEN or --token-file (workers need the same), or pass --insecure-no-auth \
+                 on a network where every peer is trusted"
+            );
+        }
+        Ok(Self { listen, token, server })
     }
 
-    // Start-up reads wait out a failing store like commits do (`--storage-give-up-secs`):
-    // a coordinator restarted during an outage should not crash-loop.
-    let give_up = Duration::try_from_secs_f64(args.storage_give_up_secs).unwrap_or(Duration::MAX);
+    /// Binds the gRPC server (and the metrics server) and serves until [`Servers::stop`].
+    async fn serve(
+        self,
+        shared: &Arc<Shared>,
+        metrics_listen: Option<SocketAddr>,
+    ) -> anyhow::Result<Servers> {
+        let listener = TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("--listen {}", self.listen))?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let grpc = tokio::spawn(crate::server::serve_grpc(
+            self.server,
+            listener,
+            Service(shared.clone()),
+            self.token,
+            stop_rx.clone(),
+        ));
+        if let Some(metrics_addr) = metrics_listen {
+            let http = TcpListener::bind(metrics_addr)
+                .await
+                .with_context(|| format!("--metrics-listen {metrics_addr}"))?;
+            let mut rx = stop_rx;
+            let metrics = shared.metrics.clone();
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = crate::metrics::serve(http, metrics, stopped).await {
+                    tracing::error!("metrics server: {e}");
+                }
+            });
+        }
+        Ok(Servers { addr, stop_tx, grpc })
+    }
+}
+
+/// The running servers.
+struct Servers {
+    addr: SocketAddr,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    grpc: tokio::task::JoinHandle<()>,
+}
+
+impl Servers {
+    /// Stops serving, and the local workers.
+    async fn stop(self, local: Option<LocalWorkers>) {
+        let _ = self.stop_tx.send(true);
+        if let Some(local) = local {
+            local.stop(Duration::from_secs(10)).await;
+        }
+        // Graceful shutdown waits for clients to hang up; a stuck one must not hold us here.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.grpc).await;
+    }
+}
+
+/// What the sweep reads before it starts: the dataset and the model's fingerprint.
+struct Inputs {
+    dataset_digest: String,
+    model_fingerprint: String,
+    facts: Vec<KnownFact>,
+    /// Every valid subject (the calibration measures all of them, whatever `--limit` says).
+    subjects: Vec<String>,
+    valid: u64,
+    errors: Vec<common::dataset::RecordError>,
+}
+
+impl Inputs {
+    fn dataset_info(&self, in_sweep: usize) -> DatasetInfo {
+        DatasetInfo {
+            valid: self.valid,
+            invalid: self.errors.len() as u64,
+            in_sweep: in_sweep as u64,
+        }
+    }
+}
+
+/// Reads the dataset and fingerprints the model, waiting out a failing store like commits
+/// do (`--storage-give-up-secs`): a coordinator restarted during an outage should not
+/// crash-loop.
+async fn read_inputs(args: &RunArgs, give_up: Duration) -> anyhow::Result<Inputs> {
     let knowns_at =
         Location::open(&args.knowns, false).with_context(|| format!("--knowns {}", args.knowns))?;
     let bytes = retry("reading the dataset", give_up, || async { Ok(knowns_at.read().await?) })
         .await
         .with_context(|| format!("--knowns {}", args.knowns))?;
-    let dataset_digest = format!("blake3:{}", blake3_hex(&bytes));
+    let dataset_digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
     let knowns = parse_knowns(&args.knowns, &bytes)?;
-    let subjects: Vec<String> = knowns.facts.iter().map(|f| f.subject.clone()).collect();
-    let mut facts = knowns.facts;
-    let valid = facts.len() as u64;
-    if let Some(limit) = args.limit {
-        facts.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    }
     for err in &knowns.errors {
         tracing::warn!("{}: {err}", args.knowns);
     }
-
+    let subjects: Vec<String> = knowns.facts.iter().map(|f| f.subject.clone()).collect();
+    let valid = knowns.facts.len() as u64;
+    let mut facts = knowns.facts;
+    if let Some(limit) = args.limit {
+        facts.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     let model_at =
         Location::open(&args.model, false).with_context(|| format!("--model {}", args.model))?;
     let model_fingerprint =
         retry("reading the model", give_up, || async { Ok(model_fingerprint(&model_at).await?) })
             .await
             .with_context(|| format!("--model {}", args.model))?;
-    let settings = SweepSettings {
-        dataset_digest,
-        model_fingerprint,
-        kinds: args.trace.kinds.clone(),
-        samples: args.trace.samples,
-        window: args.trace.window,
-        noise: args.trace.noise,
-        replace: args.trace.replace,
-        seed_mode: args.trace.seed_mode,
-        seed: args.trace.seed,
-        correctness: args.trace.correctness,
-        layers_per_job: args.layers_per_job,
-        limit: args.limit,
-        dtype: args.dtype.clone(),
-    };
-    let sweep_id = args.sweep_id.clone().unwrap_or_else(|| settings.default_sweep_id());
+    Ok(Inputs { dataset_digest, model_fingerprint, facts, subjects, valid, errors: knowns.errors })
+}
+
+/// The sweep's folder, with injected storage faults in drills.
+fn open_output(
+    args: &RunArgs,
+    sweep_id: &str,
+) -> anyhow::Result<(Location, Arc<std::sync::atomic::AtomicU64>)> {
     let root = Location::open(&args.out, true).with_context(|| format!("--out {}", args.out))?;
-    let mut out = root.child(&sweep_id);
+    let mut out = root.child(sweep_id);
     let injected = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(plan) = args.inject_storage_faults {
         tracing::warn!(?plan, "injecting storage faults");
         out = out.with_faults(plan, injected.clone());
     }
+    Ok((out, injected))
+}
 
-    let previous = retry("reading the manifest", give_up, || manifest::read(&out)).await?;
-    if let Some(m) = &previous {
-        let differences = m.settings.differences(&settings);
-        if !differences.is_empty() {
-            bail!(
-                "sweep {sweep_id} in {} was started with other settings ({}); use another --sweep-id or --out",
-                out.display,
-                differences.join("; ")
-            );
-        }
-        // With `--linger-secs inf` (Kubernetes) a finished sweep still serves its status
-        // until it is stopped, instead of exiting into a restart loop.
-        if m.state == "finished" && args.linger_secs.is_finite() {
-            println!("sweep {sweep_id} is already finished: nothing to do");
-            print_summary(m, &out.display, None);
-            return Ok(());
-        }
-        tracing::info!("resuming sweep {sweep_id}");
-    }
-    // Replay only reads and deletes uncommitted files, so it can be repeated.
-    let replayed = retry("replaying the journal", give_up, || journal::replay(&out)).await?;
-    if replayed.last_seq > 0 {
-        eprintln!(
-            "resuming sweep {sweep_id}: {} jobs committed in {} commits{}",
-            replayed.done.len(),
-            replayed.last_seq,
-            if replayed.orphans_deleted > 0 {
-                format!(", {} uncommitted files deleted", replayed.orphans_deleted)
-            } else {
-                String::new()
-            }
+/// Whether an existing sweep of this id is to be continued: refused under other settings;
+/// `false` (nothing to do) when it is finished, unless it lingers for Kubernetes.
+fn resume_allowed(
+    m: &Manifest,
+    settings: &SweepSettings,
+    out: &Location,
+    args: &RunArgs,
+) -> anyhow::Result<bool> {
+    let differences = m.settings.differences(settings);
+    if !differences.is_empty() {
+        bail!(
+            "sweep {} in {} was started with other settings ({}); use another --sweep-id or --out",
+            m.sweep_id,
+            out.display,
+            differences.join("; ")
         );
     }
+    // With `--linger-secs inf` (Kubernetes) a finished sweep still serves its status until
+    // it is stopped, instead of exiting into a restart loop.
+    if m.state == SweepState::Finished && args.linger_secs.is_finite() {
+        println!("sweep {} is already finished: nothing to do", m.sweep_id);
+        print_summary(m, &out.display, None);
+        return Ok(false);
+    }
+    tracing::info!("resuming sweep {}", m.sweep_id);
+    Ok(true)
+}
 
-    let model_name = model_name(&args.model);
-    let shared = Arc::new(Shared {
+fn report_replay(sweep_id: &str, replayed: &Replayed) {
+    if replayed.last_seq == 0 {
+        return;
+    }
+    let deleted = if replayed.orphans_deleted > 0 {
+        format!(", {} uncommitted files deleted", replayed.orphans_deleted)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "resuming sweep {sweep_id}: {} jobs committed in {} commits{deleted}",
+        replayed.done.len(),
+        replayed.last_seq,
+    );
+}
+
+fn shared_state(
+    args: &RunArgs,
+    id: String,
+    settings: SweepSettings,
+    inputs: &Inputs,
+    out: &Location,
+    replayed: &Replayed,
+    started: Instant,
+) -> Shared {
+    Shared {
         sweep: Sweep {
-            id: sweep_id.clone(),
-            settings: settings.clone(),
-            facts,
-            subjects,
-            model_name,
+            id,
+            settings,
+            facts: inputs.facts.clone(),
+            subjects: inputs.subjects.clone(),
+            model_name: model_name(&args.model),
             out_display: out.display.clone(),
         },
         sched: Mutex::new(Scheduler::new(
@@ -179,28 +371,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         writer: Writer::new(out.clone(), replayed.last_seq, replayed.totals.clone()),
         metrics: Arc::new(Metrics::default()),
         n_layers: OnceLock::new(),
-        calibration: OnceLock::new(),
+        n_heads: OnceLock::new(),
+        calibration: replayed.calibration.map(OnceLock::from).unwrap_or_default(),
         committed: replayed.done.iter().cloned().collect::<HashSet<_>>(),
         failed_before: replayed.failed.clone(),
         started,
         lease: Duration::from_secs_f64(args.lease_secs),
         flush_now: tokio::sync::Notify::new(),
         fatal: OnceLock::new(),
-    });
-    if let Some(c) = replayed.calibration {
-        let _ = shared.calibration.set(c);
     }
-    if settings.noise.needs_calibration() && !shared.sweep.facts.is_empty() {
+}
+
+/// The calibration (first, when the noise rule needs one), the trace jobs when the journal
+/// knows the model's layers, and the dataset's broken records as `errors` rows.
+fn queue_first_jobs(shared: &Shared, replayed: &Replayed, inputs: &Inputs) -> anyhow::Result<()> {
+    let experiment: &Experiment = &shared.sweep.settings.experiment;
+    if experiment.noise().needs_calibration() && !shared.sweep.facts.is_empty() {
         let calibration = JobSpec { id: CALIBRATION_JOB.into(), work: Work::Calibration };
         let done = replayed.calibration.is_some();
-        lock_sched(&shared).add([calibration], |_| done);
+        shared.sched().add([calibration], |_| done);
     }
     if let Some(n) = replayed.n_layers {
-        shared.set_n_layers(n).map_err(anyhow::Error::msg)?;
+        shared.set_n_layers(n)?;
     }
-    if !knowns.errors.is_empty() && !replayed.done.contains(DATASET_JOB) {
+    if !inputs.errors.is_empty() && !replayed.done.contains(DATASET_JOB) {
         shared.writer.with_buffer(|b| {
-            for e in &knowns.errors {
+            for e in &inputs.errors {
                 b.errors.push(ErrorRow {
                     known_id: e.known_id,
                     record: Some(e.index as u64),
@@ -212,318 +408,76 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             b.jobs.push(DATASET_JOB.into());
         });
     }
-    let mut info = ManifestInfo {
-        args: &args,
-        created: previous.as_ref().map_or_else(manifest::now_unix, |m| m.created_unix),
-        dataset: DatasetInfo {
-            valid,
-            invalid: knowns.errors.len() as u64,
-            in_sweep: shared.sweep.facts.len() as u64,
-        },
-    };
-    let running = info.manifest(&shared, "running");
-    retry("writing the manifest", give_up, || manifest::write(&out, &running)).await?;
-
-    // Servers: gRPC (with health) for workers, HTTP for metrics.
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let grpc = tokio::spawn(crate::server::serve_grpc(
-        server,
-        listener,
-        Service(shared.clone()),
-        token,
-        stop_rx.clone(),
-    ));
-    if let Some(metrics_addr) = args.metrics_listen {
-        let http = TcpListener::bind(metrics_addr)
-            .await
-            .with_context(|| format!("--metrics-listen {metrics_addr}"))?;
-        let mut rx = stop_rx.clone();
-        let metrics = shared.metrics.clone();
-        tokio::spawn(async move {
-            let stopped = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            if let Err(e) = crate::metrics::serve(http, metrics, stopped).await {
-                tracing::error!("metrics server: {e}");
-            }
-        });
-    }
-    eprintln!(
-        "sweep {sweep_id}: {} facts, listening on {addr}, writing to {}",
-        shared.sweep.facts.len(),
-        out.display
-    );
-
-    let mut local = match args.local_workers {
-        Some(n) if n > 0 => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let command = WorkerCommand {
-                bin: find_worker_bin(args.worker_bin.as_deref()),
-                coordinator: format!("http://{addr}"),
-                model: args.model.clone(),
-                threads: args.worker_threads.unwrap_or((cores / n).max(1)),
-                dtype: args.dtype.clone(),
-                device: args.worker_device.clone(),
-                // A token from $CT_TOKEN reaches the children through the environment.
-                token_file: args.token_file.clone(),
-            };
-            Some(LocalWorkers::start(command, n)?)
-        }
-        _ => None,
-    };
-
-    let outcome = drive(&shared, &args, &out, &mut info, local.as_mut()).await;
-    let state = match &outcome {
-        Ok(true) => "finished",
-        Ok(false) => "running",
-        Err(_) => "failed",
-    };
-    // Last commit, then the manifest; rows that cannot be written are lost only with a
-    // storage failure, and then the jobs are simply redone by the next run.
-    let flushed = flush_with_retries(&shared, &out, &mut info, state, &args).await;
-    if args.inject_storage_faults.is_some() {
-        eprintln!(
-            "storage faults injected: {}",
-            injected.load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
-    if state == "finished" && args.linger_secs > 0.0 {
-        // `inf` lingers until SIGTERM; any linger ends early on one.
-        let linger = async {
-            match Duration::try_from_secs_f64(args.linger_secs) {
-                Ok(d) => tokio::time::sleep(d).await,
-                Err(_) => std::future::pending().await,
-            }
-        };
-        let mut signals = Signals::new()?;
-        tokio::select! {
-            () = linger => {}
-            () = signals.recv() => {}
-        }
-    }
-    let _ = stop_tx.send(true);
-    if let Some(local) = local {
-        local.stop(Duration::from_secs(10)).await;
-    }
-    // Graceful shutdown waits for clients to hang up; a stuck one must not hold us here.
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
-    flushed?;
-    let finished = outcome?;
-    let m = info.manifest(&shared, state);
-    if finished {
-        print_summary(&m, &out.display, Some(started.elapsed()));
-        Ok(())
-    } else {
-        bail!("interrupted; run the same command again to resume sweep {sweep_id}")
-    }
+    Ok(())
 }
 
-/// The run loop: expires leases, flushes, reports progress. `Ok(true)` when the sweep
-/// finished, `Ok(false)` when interrupted.
-async fn drive(
-    shared: &Arc<Shared>,
-    args: &RunArgs,
-    out: &Location,
-    info: &mut ManifestInfo<'_>,
-    mut local: Option<&mut LocalWorkers>,
-) -> anyhow::Result<bool> {
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let flush_every = Duration::from_secs_f64(args.flush_secs);
-    let mut last_flush = Instant::now();
-    let mut progress = Progress::new();
+fn start_local_workers(args: &RunArgs, addr: SocketAddr) -> anyhow::Result<Option<LocalWorkers>> {
+    let Some(n) = args.local_workers.filter(|&n| n > 0) else { return Ok(None) };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let command = WorkerCommand {
+        bin: find_worker_bin(args.worker_bin.as_deref()),
+        coordinator: format!("http://{addr}"),
+        model: args.model.clone(),
+        threads: args.worker_threads.unwrap_or((cores / n).max(1)),
+        dtype: args.dtype.clone(),
+        device: args.worker_device.clone(),
+        // A token from $CT_TOKEN reaches the children through the environment.
+        token_file: args.token_file.clone(),
+    };
+    Ok(Some(LocalWorkers::start(command, n)?))
+}
+
+/// After a finished sweep, keep answering "finished" to workers for `secs`; `inf` until
+/// SIGTERM. Any linger ends early on a signal.
+async fn linger(secs: f64) -> anyhow::Result<()> {
+    if secs <= 0.0 {
+        return Ok(());
+    }
+    let wait = async {
+        match Duration::try_from_secs_f64(secs) {
+            Ok(d) => tokio::time::sleep(d).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
     let mut signals = Signals::new()?;
-    let mut storage = StorageHealth::new(args.storage_give_up_secs);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shared.flush_now.notified() => {}
-            () = signals.recv() => {
-                progress.finish();
-                eprintln!("stopping: committing what is done");
-                return Ok(false);
-            }
-        }
-        let given_up = lock_sched(shared).expire(Instant::now());
-        shared.record_given_up(given_up);
-        let status = shared.status();
-        shared.metrics.set_counts(&lock_sched(shared).counts(Instant::now()));
-        progress.update(&status);
-        if let Some(local) = local.as_deref_mut() {
-            // Workers that cannot start (a broken model, a bad device) die at once, however
-            // often they are restarted: say so instead of waiting for workers forever.
-            if local.watch() == 0 && status.state != "finished" {
-                progress.finish();
-                bail!(
-                    "every local worker has stopped, each after {} starts; their errors are \
-                     above. Everything committed is safe: fix the cause and run the same \
-                     command again to resume",
-                    crate::local::MAX_RESTARTS + 1
-                );
-            }
-        }
-        let buffered = shared.writer.with_buffer(|b| b.trace_rows());
-        let calibrated_now = shared.writer.with_buffer(|b| b.calibration.is_some());
-        let due = buffered >= args.flush_rows || last_flush.elapsed() >= flush_every;
-        if (due || calibrated_now) && storage.may_try() {
-            match flush(shared, out, info, "running").await {
-                Ok(()) => {
-                    storage.succeeded();
-                    last_flush = Instant::now();
-                }
-                Err(e) => {
-                    if let Err(stop) = storage.failed(e) {
-                        progress.finish();
-                        return Err(stop);
-                    }
-                }
-            }
-        }
-        if let Some(message) = shared.fatal.get() {
-            progress.finish();
-            bail!("{message}");
-        }
-        if lock_sched(shared).calibration_failed() {
-            progress.finish();
-            bail!(
-                "the calibration job failed on every try (see the errors table); the sweep cannot go on"
-            );
-        }
-        if status.state == "finished" {
-            progress.finish();
-            return Ok(true);
-        }
-    }
-}
-
-async fn flush(
-    shared: &Shared,
-    out: &Location,
-    info: &mut ManifestInfo<'_>,
-    state: &str,
-) -> anyhow::Result<()> {
-    let before = shared.writer.totals();
-    let commit = shared.writer.flush().await?;
-    if let Some(commit) = &commit {
-        let rows = |t: &Totals| t.trace_rows_total() + t.facts + t.errors;
-        shared.metrics.rows_written.inc_by(rows(&shared.writer.totals()) - rows(&before));
-        tracing::debug!(seq = commit.seq, jobs = commit.jobs.len(), "committed");
-    }
-    if commit.is_some() || state != "running" {
-        manifest::write(out, &info.manifest(shared, state)).await?;
+    tokio::select! {
+        () = wait => {}
+        () = signals.recv() => {}
     }
     Ok(())
 }
 
-/// Commits retried with backoff while the store fails; results wait in the buffer (and
-/// workers keep working) until the failure has lasted `give_up`.
-struct StorageHealth {
-    give_up: Duration,
-    failing_since: Option<Instant>,
-    delay: Duration,
-    next_try: Instant,
-}
-
-impl StorageHealth {
-    const FIRST_DELAY: Duration = retry::FIRST_DELAY;
-    const MAX_DELAY: Duration = retry::MAX_DELAY;
-
-    fn new(give_up_secs: f64) -> Self {
-        Self {
-            give_up: Duration::try_from_secs_f64(give_up_secs).unwrap_or(Duration::MAX),
-            failing_since: None,
-            delay: Self::FIRST_DELAY,
-            next_try: Instant::now(),
-        }
-    }
-
-    fn may_try(&self) -> bool {
-        Instant::now() >= self.next_try
-    }
-
-    fn succeeded(&mut self) {
-        if let Some(since) = self.failing_since.take() {
-            tracing::info!("storage works again after {:.1} s", since.elapsed().as_secs_f64());
-        }
-        self.delay = Self::FIRST_DELAY;
-    }
-
-    /// Records a failed commit; an error once failures have lasted too long, or at once for
-    /// one that another try cannot fix (refused, or another coordinator on this sweep).
-    fn failed(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
-        if !retry::is_transient(&e) {
-            return Err(e.context(
-                "committing results failed; everything committed before is safe: fix the \
-                 cause and run the same command again to resume",
-            ));
-        }
-        let since = *self.failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= self.give_up {
-            return Err(e.context(format!(
-                "committing results has failed for {:.0} s (--storage-give-up-secs); everything \
-                 committed before is safe: run the same command again to resume",
-                since.elapsed().as_secs_f64()
-            )));
-        }
-        tracing::warn!("committing failed, retrying in {:?}: {e:#}", self.delay);
-        self.next_try = Instant::now() + self.delay;
-        self.delay = (self.delay * 2).min(Self::MAX_DELAY);
-        Ok(())
-    }
-}
-
-/// The last commit, retried like any other.
-async fn flush_with_retries(
-    shared: &Shared,
-    out: &Location,
-    info: &mut ManifestInfo<'_>,
-    state: &str,
-    args: &RunArgs,
-) -> anyhow::Result<()> {
-    let mut storage = StorageHealth::new(args.storage_give_up_secs);
-    loop {
-        match flush(shared, out, info, state).await {
-            Ok(()) => return Ok(()),
-            Err(e) => storage.failed(e)?,
-        }
-        tokio::time::sleep_until(storage.next_try.into()).await;
-    }
-}
-
 /// What the manifest needs besides the shared state.
-struct ManifestInfo<'a> {
+pub struct ManifestInfo<'a> {
     args: &'a RunArgs,
     created: u64,
     dataset: DatasetInfo,
 }
 
 impl ManifestInfo<'_> {
-    fn manifest(&mut self, shared: &Shared, state: &str) -> Manifest {
-        let c = lock_sched(shared).counts(Instant::now());
+    /// The manifest as things stand.
+    pub fn manifest(&mut self, shared: &Shared, state: SweepState) -> Manifest {
+        let c = shared.sched().counts(Instant::now());
         let calibration = shared.calibration.get();
-        let level = match shared.sweep.settings.noise {
-            common::settings::NoiseSpec::Level(l) => Some(l),
-            common::settings::NoiseSpec::Uniform(k) => Some(k),
-            common::settings::NoiseSpec::StdMultiple(_) => calibration.map(|c| c.level),
-        };
-        let totals = shared.writer.totals();
+        let settings = &shared.sweep.settings;
         Manifest {
             sweep_id: shared.sweep.id.clone(),
-            state: state.into(),
-            settings: shared.sweep.settings.clone(),
+            state,
+            settings: settings.clone(),
+            experiment_digest: settings.experiment.digest(),
             knowns: self.args.knowns.clone(),
             model: self.args.model.clone(),
             n_layers: shared.n_layers.get().copied(),
+            n_heads: shared.n_heads.get().copied(),
             noise: NoiseInfo {
-                spec: shared.sweep.settings.noise.to_string(),
-                level,
+                spec: settings.experiment.noise().noise.to_string(),
+                level: shared.noise().map(|n| n.level),
                 std: calibration.map(|c| c.std),
             },
             dataset: self.dataset.clone(),
             jobs: JobsInfo { total: c.total, done: c.done, failed: c.failed, retries: c.retries },
-            commits: totals_commits(shared),
-            rows: totals,
+            commits: shared.writer.commits(),
+            rows: shared.writer.totals(),
             created_unix: self.created,
             updated_unix: manifest::now_unix(),
             coordinator_version: env!("CARGO_PKG_VERSION").into(),
@@ -531,13 +485,9 @@ impl ManifestInfo<'_> {
     }
 }
 
-fn totals_commits(shared: &Shared) -> u64 {
-    shared.writer.commits()
-}
-
 fn print_summary(m: &Manifest, out: &str, elapsed: Option<Duration>) {
     let took = elapsed.map_or(String::new(), |d| format!(" in {:.1} s", d.as_secs_f64()));
-    println!("sweep {} {}{took}", m.sweep_id, m.state);
+    println!("sweep {} {}{took}", m.sweep_id, m.state.name());
     println!(
         "  facts: {} in the sweep, {} traced, {} not traced (not predicted); {} broken records",
         m.dataset.in_sweep,
@@ -561,36 +511,9 @@ fn print_summary(m: &Manifest, out: &str, elapsed: Option<Duration>) {
     println!("  output: {out}/ (facts/, traces/kind=*/, errors/, manifest.json)");
 }
 
-fn lock_sched(shared: &Shared) -> std::sync::MutexGuard<'_, Scheduler> {
-    shared.sched.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn blake3_hex(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
-}
-
 /// A short model name for the `model` column: the file or folder name.
 fn model_name(model: &str) -> String {
     let trimmed = model.trim_end_matches('/');
     let last = trimmed.rsplit('/').next().unwrap_or(trimmed);
     last.strip_suffix(".gguf").unwrap_or(last).to_string()
-}
-
-/// SIGTERM and Ctrl-C.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        Ok(Self { term })
-    }
-
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
 }

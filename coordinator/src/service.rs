@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::dataset::KnownFact;
-use common::settings::{Distribution, NoiseSpec};
+use common::experiment::Noise;
+use common::kinds::Geometry;
 use common::sweep::{CALIBRATION_JOB, SweepSettings, layer_ranges, trace_job_id};
 use common::tables::ErrorRow;
 use proto::coordinator_server::Coordinator;
@@ -15,12 +16,57 @@ use tonic::{Request, Response, Status};
 
 use crate::journal::Calibration;
 use crate::metrics::Metrics;
-use crate::results::job_rows;
+use crate::results::{JobContext, job_rows};
 use crate::scheduler::{Completion, Failure, GivenUp, JobSpec, LeaseOutcome, Scheduler, Work};
 use crate::writer::Writer;
 
 /// The most layers a worker may report.
 const MAX_LAYERS: u32 = 1024;
+/// The most heads per layer a worker may report.
+const MAX_HEADS: u32 = 1024;
+
+/// Why a worker's model cannot serve this sweep.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SweepError {
+    /// Another worker (or the journal) reported another shape.
+    #[error("the sweep's model has {known} {what}, this worker's {reported}")]
+    ShapeDiffers {
+        /// `layers` or `heads per layer`.
+        what: &'static str,
+        /// Known before.
+        known: u32,
+        /// Reported now.
+        reported: u32,
+    },
+    /// The experiment does not fit the model (a window wider than the model).
+    #[error("{0}")]
+    DoesNotFit(String),
+}
+
+/// Where the sweep stands, as `coordinator status` and the progress line say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No worker has registered (or all have gone).
+    WaitingForWorkers,
+    /// The calibration job runs; trace jobs wait for its level.
+    Calibrating,
+    /// Trace jobs run.
+    Running,
+    /// Every job is done or given up.
+    Finished,
+}
+
+impl Phase {
+    /// The name `coordinator status` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::WaitingForWorkers => "waiting for workers",
+            Phase::Calibrating => "calibrating",
+            Phase::Running => "running",
+            Phase::Finished => "finished",
+        }
+    }
+}
 /// The longest failure message and stage name kept, in bytes.
 const MAX_MESSAGE: usize = 4096;
 const MAX_STAGE: usize = 64;
@@ -67,6 +113,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The model's layer count, from the first worker (or the journal).
     pub n_layers: OnceLock<u32>,
+    /// The model's query heads per layer, from the first worker.
+    pub n_heads: OnceLock<u32>,
     /// The calibration, once known.
     pub calibration: OnceLock<Calibration>,
     /// Jobs committed by earlier runs.
@@ -88,22 +136,46 @@ fn lock(m: &Mutex<Scheduler>) -> std::sync::MutexGuard<'_, Scheduler> {
 }
 
 impl Shared {
-    /// Creates the trace jobs once the layer count is known.
-    pub fn set_n_layers(&self, n_layers: u32) -> Result<(), String> {
+    /// The scheduler, locked (briefly, and never across an await).
+    pub fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
+        lock(&self.sched)
+    }
+
+    /// Records the model's shape from a registration: the first one creates the trace jobs,
+    /// later ones must agree.
+    pub fn set_model(&self, n_layers: u32, n_heads: u32) -> Result<(), SweepError> {
+        if let Some(&known) = self.n_heads.get() {
+            if known != n_heads {
+                let what = "heads per layer";
+                return Err(SweepError::ShapeDiffers { what, known, reported: n_heads });
+            }
+        }
+        self.set_n_layers(n_layers)?;
+        let geometry = Geometry { n_layers: n_layers as usize, n_heads: n_heads as usize };
+        if let Err(e) = self.sweep.settings.experiment.check_model(geometry) {
+            let message = e.to_string();
+            let _ = self.fatal.set(message.clone());
+            return Err(SweepError::DoesNotFit(message));
+        }
+        let _ = self.n_heads.set(n_heads);
+        Ok(())
+    }
+
+    /// Creates the trace jobs once the layer count is known (from a registration, or the
+    /// journal at start-up).
+    pub fn set_n_layers(&self, n_layers: u32) -> Result<(), SweepError> {
         if let Some(&known) = self.n_layers.get() {
             return if known == n_layers {
                 Ok(())
             } else {
-                Err(format!("the sweep's model has {known} layers, this worker's {n_layers}"))
+                Err(SweepError::ShapeDiffers { what: "layers", known, reported: n_layers })
             };
         }
-        if self.sweep.settings.window > n_layers {
-            let message = format!(
-                "--window {} is more than the model's {n_layers} layers",
-                self.sweep.settings.window
-            );
+        let window = self.sweep.settings.experiment.window;
+        if window > n_layers {
+            let message = format!("--window {window} is more than the model's {n_layers} layers");
             let _ = self.fatal.set(message.clone());
-            return Err(message);
+            return Err(SweepError::DoesNotFit(message));
         }
         if self.n_layers.set(n_layers).is_err() {
             return Ok(()); // another registration won the race with the same fingerprint
@@ -122,29 +194,26 @@ impl Shared {
         Ok(())
     }
 
-    /// The noise the trace jobs use, once known.
-    fn noise(&self) -> Option<(f64, Distribution)> {
-        match self.sweep.settings.noise {
-            NoiseSpec::Level(level) => Some((level, Distribution::Normal)),
-            NoiseSpec::Uniform(k) => Some((k, Distribution::Uniform)),
-            NoiseSpec::StdMultiple(_) => {
-                self.calibration.get().map(|c| (c.level, Distribution::Normal))
-            }
-        }
+    /// The noise the trace jobs add, once its level is known: the one place a sweep resolves
+    /// it (from the rule, or from the calibration's std for `sK`).
+    pub fn noise(&self) -> Option<Noise> {
+        let std = self.calibration.get().map(|c| c.std);
+        self.sweep.settings.experiment.noise().resolve(std).ok()
+    }
+
+    /// The model's shape, once a worker has registered.
+    fn geometry(&self) -> Option<Geometry> {
+        let n_layers = *self.n_layers.get()? as usize;
+        Some(Geometry { n_layers, n_heads: *self.n_heads.get()? as usize })
     }
 
     fn job_message(&self, spec: &JobSpec, lease_id: u64) -> Option<proto::Job> {
         let work = match &spec.work {
-            Work::Calibration => job::Work::Calibration(proto::Calibration {
-                subjects: self.sweep.subjects.clone(),
-                factor: match self.sweep.settings.noise {
-                    NoiseSpec::StdMultiple(k) => k,
-                    _ => 1.0,
-                },
-            }),
+            Work::Calibration => {
+                job::Work::Calibration(proto::Calibration { subjects: self.sweep.subjects.clone() })
+            }
             Work::Trace { fact, layers } => {
-                let (level, distribution) = self.noise()?;
-                let s = &self.sweep.settings;
+                let noise = self.noise()?;
                 let fact = &self.sweep.facts[*fact];
                 job::Work::Trace(proto::TraceJob {
                     fact: Some(proto::Fact {
@@ -155,17 +224,8 @@ impl Shared {
                     }),
                     layer_start: layers.start,
                     layer_end: layers.end,
-                    settings: Some(proto::TraceSettings {
-                        kinds: s.kinds.iter().map(|k| k.name().to_string()).collect(),
-                        samples: s.samples,
-                        window: s.window,
-                        noise_level: level,
-                        distribution: distribution.to_string(),
-                        replace: s.replace,
-                        seed_mode: s.seed_mode.to_string(),
-                        seed: s.seed,
-                        correctness: s.correctness.to_string(),
-                    }),
+                    experiment: Some(proto::Experiment::from(&self.sweep.settings.experiment)),
+                    noise: Some(proto::Noise::from(&noise)),
                 })
             }
         };
@@ -205,31 +265,35 @@ impl Shared {
         }
     }
 
-    /// The live state, for `coordinator status` and the progress line.
-    pub fn status(&self) -> proto::StatusReply {
+    /// Where the sweep stands.
+    pub fn phase(&self) -> Phase {
         let sched = lock(&self.sched);
         let c = sched.counts(Instant::now());
-        let state =
-            if sched.finished() && (self.sweep.facts.is_empty() || self.n_layers.get().is_some()) {
-                "finished"
-            } else if c.workers == 0 {
-                "waiting for workers"
-            } else if sched.calibrating() {
-                "calibrating"
-            } else {
-                "running"
-            };
-        drop(sched);
+        if sched.finished() && (self.sweep.facts.is_empty() || self.n_layers.get().is_some()) {
+            Phase::Finished
+        } else if c.workers == 0 {
+            Phase::WaitingForWorkers
+        } else if sched.calibrating() {
+            Phase::Calibrating
+        } else {
+            Phase::Running
+        }
+    }
+
+    /// The live state, for `coordinator status` and the progress line.
+    pub fn status(&self) -> proto::StatusReply {
+        let phase = self.phase();
+        let c = lock(&self.sched).counts(Instant::now());
         let per_fact = self
             .n_layers
             .get()
             .map_or(1, |&n| layer_ranges(n, self.sweep.settings.layers_per_job).len() as u64);
-        let trace_jobs_ended = (c.done + c.failed)
-            .saturating_sub(u64::from(self.sweep.settings.noise.needs_calibration()));
+        let calibrates = self.sweep.settings.experiment.noise().needs_calibration();
+        let trace_jobs_ended = (c.done + c.failed).saturating_sub(u64::from(calibrates));
         let totals = self.writer.totals();
         proto::StatusReply {
             sweep_id: self.sweep.id.clone(),
-            state: state.into(),
+            state: phase.name().into(),
             facts_total: self.sweep.facts.len() as u64,
             facts_done: if self.n_layers.get().is_some() { trace_jobs_ended / per_fact } else { 0 },
             jobs_total: c.total,
@@ -285,7 +349,15 @@ impl Coordinator for Service {
                 caps.n_layers
             )));
         }
-        shared.set_n_layers(caps.n_layers).map_err(Status::failed_precondition)?;
+        if caps.n_heads == 0 || caps.n_heads > MAX_HEADS {
+            return Err(Status::invalid_argument(format!(
+                "capabilities.n_heads is {}: expected 1 to {MAX_HEADS}",
+                caps.n_heads
+            )));
+        }
+        shared
+            .set_model(caps.n_layers, caps.n_heads)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let worker_id = lock(&shared.sched).register(&r.name, Instant::now());
         tracing::info!(worker = worker_id, name = r.name, device = caps.device, "registered");
         let lease_ms = shared.lease.as_millis() as u64;
@@ -403,17 +475,23 @@ fn accept_calibration(
     lease_id: u64,
     c: proto::CalibrationResult,
 ) -> bool {
-    let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
-    if job_id != CALIBRATION_JOB || !finite_non_negative(c.level) || !finite_non_negative(c.std) {
+    let std = Some(c.std).filter(|s| s.is_finite() && *s >= 0.0);
+    let level =
+        std.and_then(|std| shared.sweep.settings.experiment.noise().resolve(Some(std)).ok());
+    let (Some(std), Some(noise)) = (std, level) else {
         tracing::warn!(worker, job = job_id, "refused an invalid calibration result");
+        return false;
+    };
+    if job_id != CALIBRATION_JOB {
+        tracing::warn!(worker, job = job_id, "refused a calibration result for another job");
         return false;
     }
     let completion = lock(&shared.sched).complete(worker, job_id, lease_id, Instant::now());
     if !accepted(completion, worker, job_id) {
         return false;
     }
-    let calibration = Calibration { std: c.std, level: c.level, subjects: c.subjects };
-    tracing::info!(std = c.std, level = c.level, "calibrated the noise level");
+    let calibration = Calibration { std, level: noise.level, subjects: c.subjects };
+    tracing::info!(std, level = noise.level, "calibrated the noise level");
     let _ = shared.calibration.set(calibration);
     shared.writer.with_buffer(|b| {
         b.calibration = Some(calibration);
@@ -433,22 +511,28 @@ fn accept_trace(
     // Check the result against its job before it counts.
     let Some(spec) = lock(&shared.sched).spec(job_id) else { return false };
     let Work::Trace { fact, layers } = &spec.work else { return false };
-    let fact = &shared.sweep.facts[*fact];
-    let rows =
-        match job_rows(fact, layers, &shared.sweep.settings, &shared.sweep.model_name, result) {
-            Ok(rows) => rows,
-            Err(message) => {
-                let failure = Failure {
-                    stage: "result",
-                    message: &message,
-                    release: false,
-                    permanent: false,
-                };
-                let given_up = lock(&shared.sched).fail(worker, job_id, lease_id, failure);
-                shared.record_given_up(given_up.into_iter().collect());
-                return false;
-            }
-        };
+    // Only registered workers hand in results, and the first registration set the shape.
+    let Some(geometry) = shared.geometry() else { return false };
+    let experiment = &shared.sweep.settings.experiment;
+    let ctx = JobContext {
+        fact: &shared.sweep.facts[*fact],
+        layers,
+        experiment,
+        geometry,
+        samples: experiment.noise().samples,
+        model: &shared.sweep.model_name,
+    };
+    let rows = match job_rows(&ctx, result) {
+        Ok(rows) => rows,
+        Err(e) => {
+            let message = e.to_string();
+            let failure =
+                Failure { stage: "result", message: &message, release: false, permanent: false };
+            let given_up = lock(&shared.sched).fail(worker, job_id, lease_id, failure);
+            shared.record_given_up(given_up.into_iter().collect());
+            return false;
+        }
+    };
     // Buffer the rows under the scheduler's lock so that a flush never sees a job marked done
     // without its rows.
     let mut sched = lock(&shared.sched);

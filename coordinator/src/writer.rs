@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use common::settings::Kind;
+use common::kinds::Kind;
 use common::storage::Location;
 use common::tables::{
     ErrorRow, FactRow, TraceRow, errors_batch, facts_batch, traces_batch, write_parquet,

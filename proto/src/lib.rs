@@ -1,11 +1,13 @@
 //! The gRPC protocol between the sweep coordinator and its workers: `causal_trace.proto`,
 //! compiled at build time with protox (no system protoc).
-#![allow(missing_docs, unreachable_pub, clippy::all)]
+#![allow(missing_docs, unreachable_pub)]
 
 pub mod auth;
+pub mod convert;
 pub mod tls;
 
-/// Version 1 of the protocol.
+/// Version 1 of the protocol (generated: not linted).
+#[allow(clippy::all)]
 pub mod v1 {
     tonic::include_proto!("causal_trace.v1");
 }

@@ -39,9 +39,17 @@ fn bad_configuration_is_refused_before_anything_is_written() {
     std::fs::write(&broken, "[{\"known_id\": 1, \"subject\": ").expect("write");
     let broken = broken.display().to_string();
     let cases: &[(&[&str], &[&str])] = &[
-        (&["--samples", "0"], &["--samples must be at least 1"]),
-        (&["--window", "0"], &["--window must be at least 1"]),
-        (&["--kinds", "hidden,foo"], &["--kinds", "unknown kind \"foo\""]),
+        (&["--samples", "0"], &["--samples: must be at least 1"]),
+        (&["--window", "0"], &["--window: must be at least 1"]),
+        (&["--kinds", "hidden,foo"], &["--kinds", "unknown kind \"foo\"", "severed_mlp"]),
+        (&["--kinds", "hidden,mlp,hidden"], &["--kinds: hidden is named twice"]),
+        (&["--tokens", "last,subject"], &["--tokens", "unknown token role \"subject\""]),
+        (&["--seed", "7"], &["--seed: applies to --seed-mode per-fact only"]),
+        (
+            &["--kinds", "severed_mlp", "--replace"],
+            &["--replace: severed_mlp with --seed-mode rome"],
+        ),
+        (&["--kinds", "severed_attn", "--noise", "u2"], &["--noise: severed_attn", "Gaussian"]),
         (&["--noise=-1"], &["--noise", "must be finite and >= 0"]),
         (&["--seed-mode", "x"], &["--seed-mode", "unknown seed mode \"x\""]),
         (&["--correctness", "x"], &["--correctness", "unknown correctness \"x\""]),

@@ -141,7 +141,11 @@ fn only_the_lease_holder_hands_in_and_only_well_formed_results() {
     tables.assert_exactly_once(LAYERS, 3);
     for r in &tables.traces {
         let k = ["hidden", "mlp", "attn"].iter().position(|k| *k == r.kind.name()).expect("kind");
-        assert_eq!(r.score, fake_score(r.known_id, k, r.token as usize, r.layer), "{r:?}");
+        assert_eq!(
+            r.score,
+            fake_score(r.known_id, k, r.token as usize, r.layer, r.head.unwrap_or(0)),
+            "{r:?}"
+        );
     }
     let m = manifest(&dir);
     assert!(

@@ -7,28 +7,45 @@ use common::storage::Location;
 
 /// Layers of the fake model.
 pub const LAYERS: u32 = 10;
+/// Query heads per layer of the fake model.
+pub const HEADS: u32 = 2;
 /// Tokens of every fake prompt.
 pub const TOKENS: usize = 4;
 
 /// The score the fake engine reports for a cell: a function of its coordinates only.
-pub fn fake_score(known_id: u64, kind: usize, t: usize, layer: u32) -> f32 {
-    ((known_id * 31 + kind as u64 * 7 + t as u64 * 3 + u64::from(layer)) % 1000) as f32 / 1000.0
+pub fn fake_score(known_id: u64, kind: usize, t: usize, layer: u32, head: u32) -> f32 {
+    let x =
+        known_id * 31 + kind as u64 * 7 + t as u64 * 3 + u64::from(layer) + 101 * u64::from(head);
+    (x % 1000) as f32 / 1000.0
 }
 
-/// A well-formed result for `job`.
+/// A well-formed result for `job`: every kind of its experiment over the traced tokens of a
+/// fact whose subject is its first token, along the kind's axes.
 pub fn fake_result(job: &proto::TraceJob) -> proto::TraceResult {
     let known_id = job.fact.as_ref().map_or(0, |f| f.known_id);
-    let kinds = job.settings.as_ref().map(|s| s.kinds.clone()).unwrap_or_default();
-    let scores = kinds
+    let experiment = proto::convert::resolved(job).expect("a valid job").experiment;
+    let tokens: Vec<u32> =
+        experiment.tokens.select((0, 1), TOKENS).into_iter().map(|t| t as u32).collect();
+    let geometry = common::kinds::Geometry { n_layers: LAYERS as usize, n_heads: HEADS as usize };
+    let scores = experiment
+        .kinds
         .iter()
         .enumerate()
-        .map(|(k, kind)| proto::KindScores {
-            kind: kind.clone(),
-            scores: (0..TOKENS)
-                .flat_map(|t| {
-                    (job.layer_start..job.layer_end).map(move |l| fake_score(known_id, k, t, l))
-                })
-                .collect(),
+        .map(|(k, kind)| {
+            let heads = kind.heads(geometry) as u32;
+            let layers = job.layer_start..job.layer_end;
+            proto::KindScores {
+                kind: proto::Kind::from(*kind) as i32,
+                tokens: tokens.clone(),
+                scores: tokens
+                    .iter()
+                    .flat_map(|&t| {
+                        layers.clone().flat_map(move |l| {
+                            (0..heads).map(move |h| fake_score(known_id, k, t as usize, l, h))
+                        })
+                    })
+                    .collect(),
+            }
         })
         .collect();
     proto::TraceResult {
@@ -54,6 +71,7 @@ pub fn capabilities() -> proto::Capabilities {
         dtype: "f32".into(),
         threads: 1,
         n_layers: LAYERS,
+        n_heads: HEADS,
         d_model: 1,
         family: "fake".into(),
         version: "0".into(),

@@ -157,7 +157,7 @@ fn two_hundred_workers_twenty_thousand_jobs_every_row_once() {
     assert_eq!(rows, FACTS * fake::TOKENS * LAYERS as usize * 3);
     for r in tables.traces.iter().step_by(997) {
         let k = ["hidden", "mlp", "attn"].iter().position(|k| *k == r.kind.name()).expect("kind");
-        assert_eq!(r.score, fake_score(r.known_id, k, r.token as usize, r.layer), "{r:?}");
+        assert_eq!(r.score, fake_score(r.known_id, k, r.token as usize, r.layer, 0), "{r:?}");
     }
     let m = manifest(&dir);
     let jobs = FACTS as u64 * u64::from(LAYERS);

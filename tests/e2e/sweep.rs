@@ -290,43 +290,25 @@ fn a_short_sweep_on_smollm2_matches_worker_trace() {
 /// the same f32 scores in f64, in different orders: 1e-9 would do; 1e-6 is the bound asked.
 fn aggregate_equals_duckdb(dir: &Path, tmp: &Path) {
     let summary = tmp.join("summary");
-    let output = std::process::Command::new(bin("coordinator"))
-        .args(["aggregate", "--results"])
-        .arg(dir)
-        .arg("--out")
-        .arg(&summary)
-        .output()
-        .expect("aggregate runs");
-    assert!(output.status.success(), "aggregate: {}", String::from_utf8_lossy(&output.stderr));
-    let printed = String::from_utf8_lossy(&output.stdout);
+    let printed = e2e::aggregate(dir, &summary, &[]);
     assert!(printed.contains("best AIE at the last subject token"), "{printed}");
     for file in
         ["summary.parquet", "rollup_hidden.png", "rollup_mlp.svg", "lines.png", "headline.json"]
     {
         assert!(summary.join(file).is_file(), "{file} missing");
     }
-    let csv = std::fs::read_to_string(summary.join("summary.csv")).expect("summary.csv");
-    let rust: BTreeMap<(String, String, u64), (f64, f64, u64)> = csv
-        .lines()
-        .skip(1)
-        .map(|line| {
-            let f: Vec<&str> = line.split(',').collect();
-            let num = |i: usize| f[i].parse::<f64>().expect("number");
-            ((f[0].into(), f[1].into(), num(2) as u64), (num(3), num(5), num(6) as u64))
-        })
-        .collect();
-    let pythonpath = std::env::var("CT_DUCKDB_PYTHONPATH")
-        .expect("CT_DUCKDB_PYTHONPATH: run scripts/test.sh (it fetches DuckDB with scripts/fetch-duckdb.sh)");
-    let output =
-        std::process::Command::new(std::env::var("CT_PYTHON").unwrap_or_else(|_| "python3".into()))
-            .arg(e2e::repo_root().join("tools/duckdb_queries.py"))
-            .arg(dir)
-            .args(["rollup", "ate"])
-            .env("PYTHONPATH", pythonpath)
-            .output()
-            .expect("python runs");
-    assert!(output.status.success(), "duckdb: {}", String::from_utf8_lossy(&output.stderr));
-    let duck: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let rust: BTreeMap<(String, String, u64), (f64, f64, u64)> =
+        e2e::read_csv(&summary.join("summary.csv"))
+            .into_iter()
+            .map(|r| {
+                let num = |k: &str| r[k].parse::<f64>().expect("number");
+                (
+                    (r["kind"].clone(), r["category"].clone(), num("layer") as u64),
+                    (num("aie"), num("std"), num("n") as u64),
+                )
+            })
+            .collect();
+    let duck = e2e::duckdb_queries(dir, "correct", &["rollup", "ate"]);
     let rows = duck["rollup"].as_array().expect("rollup rows");
     assert_eq!(rows.len(), rust.values().filter(|v| v.2 > 0).count(), "one row per non-empty cell");
     for row in rows {

@@ -257,6 +257,34 @@ impl Tables {
         expected
     }
 
+    /// Asserts every (fact, kind, token, layer, head) row appears exactly once and that each
+    /// traced fact has exactly its traced tokens × L (× H for a kind with a head axis) rows
+    /// of every kind, as its `facts` row records them; returns the row count.
+    pub fn assert_each_row_once(&self, kinds: &[common::kinds::Kind]) -> usize {
+        let mut seen = HashSet::new();
+        for r in &self.traces {
+            let key = (r.known_id, r.kind, r.token, r.layer, r.head);
+            assert!(seen.insert(key), "duplicate row {r:?}");
+            assert_eq!(r.head.is_some(), r.kind.has_heads(), "{r:?}");
+        }
+        let mut expected = 0;
+        for f in self.facts.iter().filter(|f| f.traced) {
+            for kind in kinds {
+                let g = common::kinds::Geometry {
+                    n_layers: f.n_layers as usize,
+                    n_heads: f.n_heads as usize,
+                };
+                let want = f.traced_tokens.len() * kind.cells_per_token(g);
+                let got =
+                    self.traces.iter().filter(|r| r.known_id == f.known_id && r.kind == *kind);
+                assert_eq!(got.count(), want, "fact {} {kind}", f.known_id);
+                expected += want;
+            }
+        }
+        assert_eq!(self.traces.len(), expected, "no rows of facts or kinds not asked for");
+        expected
+    }
+
     /// The scores of one fact, per kind name, as T rows of L.
     pub fn table(
         &self,
@@ -308,4 +336,71 @@ pub fn tiny_worker_args(url: &str, tag: &str) -> Vec<String> {
     a.push(fixture("tiny/llama").display().to_string());
     a.extend(args(&["--threads", "1", "--name", tag]));
     a
+}
+
+/// `coordinator aggregate --results dir --out out` plus `extra`; returns what it printed.
+pub fn aggregate(dir: &Path, out: &Path, extra: &[&str]) -> String {
+    let output = Command::new(bin("coordinator"))
+        .args(["aggregate", "--results"])
+        .arg(dir)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("aggregate runs");
+    assert!(output.status.success(), "aggregate: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `queries/<name>.sql` over the sweep folder `dir` through DuckDB (tools/duckdb_queries.py
+/// with the package scripts/fetch-duckdb.sh fetched), with `facts` = `correct` or `all`;
+/// returns `{name: [rows]}`.
+pub fn duckdb_queries(dir: &Path, facts: &str, names: &[&str]) -> serde_json::Value {
+    let pythonpath = std::env::var("CT_DUCKDB_PYTHONPATH")
+        .expect("CT_DUCKDB_PYTHONPATH: run scripts/test.sh (it fetches DuckDB with scripts/fetch-duckdb.sh)");
+    let output = Command::new(std::env::var("CT_PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(repo_root().join("tools/duckdb_queries.py"))
+        .args(["--facts", facts])
+        .arg(dir)
+        .args(names)
+        .env("PYTHONPATH", pythonpath)
+        .output()
+        .expect("python runs");
+    assert!(output.status.success(), "duckdb: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("json")
+}
+
+/// The rows of a CSV the aggregate wrote, as maps from column to text.
+pub fn read_csv(path: &Path) -> Vec<BTreeMap<String, String>> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|_| panic!("{} missing", path.display()));
+    let mut lines = text.lines();
+    let header: Vec<String> =
+        lines.next().unwrap_or_default().split(',').map(String::from).collect();
+    lines
+        .map(|line| header.iter().cloned().zip(line.split(',').map(String::from)).collect())
+        .collect()
+}
+
+/// The jobs a worker's log (its stderr at `info`) shows it computing and not yet handed in,
+/// failed or released: the jobs in flight when the log was read. A worker logs `computing`
+/// with the job's id as it starts one and `handed in`, `failed` or `released` as it ends it.
+pub fn jobs_in_flight(log: &str) -> Vec<String> {
+    let mut open: Vec<String> = Vec::new();
+    for line in log.lines() {
+        let Some(job) = line.split_whitespace().find_map(|w| w.strip_prefix("job=")) else {
+            continue;
+        };
+        let job = job.trim_matches('"').to_string();
+        if line.contains("computing") {
+            open.retain(|j| *j != job);
+            open.push(job);
+        } else if ["handed in", "failed", "released", "no longer wanted"]
+            .iter()
+            .any(|end| line.contains(end))
+        {
+            open.retain(|j| *j != job);
+        }
+    }
+    open
 }

@@ -21,6 +21,10 @@ pub struct Dims {
     pub n_layers: usize,
     /// Width of the residual stream.
     pub d_model: usize,
+    /// Query heads per attention layer.
+    pub n_heads: usize,
+    /// Width of one head's output (`Site::Head`).
+    pub head_dim: usize,
     /// Rows of the LM head.
     pub vocab_size: usize,
     /// Longest sequence the model supports (position embeddings or RoPE's trained length).
@@ -154,8 +158,10 @@ pub(crate) trait Decoder {
     /// The residual stream entering layer 0: token embeddings plus position embeddings where
     /// the family has them. `pos0` is the absolute position of the first token.
     fn add_positions(&self, xs: Tensor, pos0: usize) -> Result<Tensor>;
-    /// The attention sublayer of `layer`, its input norm included, on the residual stream
-    /// `xs`. Returns its output and the layer's keys and values (`past` included).
+    /// The attention sublayer of `layer` up to its output projection, its input norm
+    /// included, on the residual stream `xs`. Returns the heads' outputs side by side,
+    /// `(b, t, n_heads × head_dim)` (each head's attention-weighted values), and the layer's
+    /// keys and values (`past` included).
     fn attn(
         &self,
         layer: usize,
@@ -163,6 +169,8 @@ pub(crate) trait Decoder {
         pos0: usize,
         past: Option<&LayerKv>,
     ) -> Result<(Tensor, LayerKv)>;
+    /// The attention's output projection of `layer` on the heads' outputs.
+    fn attn_out(&self, layer: usize, heads: &Tensor) -> Result<Tensor>;
     /// The MLP sublayer of `layer`, its input norm included.
     fn mlp(&self, layer: usize, xs: &Tensor) -> Result<Tensor>;
     /// Final norm and LM head on `(n, d)` or `(b, t, d)` states.
@@ -176,7 +184,7 @@ pub(crate) fn run<M: Decoder + ?Sized>(
 ) -> Result<ForwardOutput> {
     let dims = model.dims();
     let iv = req.interventions;
-    validate_sites(iv, dims.n_layers)?;
+    validate_sites(iv, dims)?;
 
     let mut captures: Vec<Option<Tensor>> = vec![None; iv.captures.len()];
     let (mut xs, pos0, first_layer, past) = match &req.start {
@@ -267,7 +275,17 @@ pub(crate) fn layer_step<M: Decoder + ?Sized>(
     iv: &Interventions,
     captures: &mut [Option<Tensor>],
 ) -> Result<(Tensor, LayerKv)> {
-    let (attn, kv) = model.attn(layer, &xs, pos0, past)?;
+    let (heads, kv) = model.attn(layer, &xs, pos0, past)?;
+    // All heads' patches and copies, then single heads', then the captures of both, so a
+    // capture of the heads sees a patched head.
+    let site = Site::Heads(layer);
+    let heads = intervene::apply_patches(heads, site, &iv.patches, pos0)?;
+    let heads = intervene::apply_copies(heads, site, &iv.copies, pos0)?;
+    let n_heads = model.dims().n_heads;
+    let heads = intervene::apply_head_sites(heads, layer, n_heads, iv, pos0)?;
+    record(captures, iv, site, &heads, pos0)?;
+    record_heads(captures, iv, layer, n_heads, &heads, pos0)?;
+    let attn = model.attn_out(layer, &heads)?;
     let attn = at_site(captures, iv, Site::Attn(layer), attn, pos0)?;
     let xs = (xs + attn)?;
     let mlp = at_site(captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
@@ -310,10 +328,37 @@ fn record(
     Ok(())
 }
 
-fn validate_sites(iv: &Interventions, n_layers: usize) -> Result<()> {
+/// Captures of single heads: column slices of the heads' outputs `(b, t, n_heads × d_head)`.
+fn record_heads(
+    captures: &mut [Option<Tensor>],
+    iv: &Interventions,
+    layer: usize,
+    n_heads: usize,
+    heads: &Tensor,
+    pos0: usize,
+) -> Result<()> {
+    for (slot, capture) in captures.iter_mut().zip(&iv.captures) {
+        if let Site::Head(l, h) = capture.site {
+            if l == layer {
+                let head_dim = heads.dim(2)? / n_heads.max(1);
+                let one = heads.narrow(2, h * head_dim, head_dim)?;
+                *slot = Some(intervene::read_capture(&one, capture, pos0)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_sites(iv: &Interventions, dims: &Dims) -> Result<()> {
+    let n_layers = dims.n_layers;
     for site in iv.sites() {
         if let Some(layer) = site.layer().filter(|&l| l >= n_layers) {
             bail_request!("{site:?}: layer {layer} is beyond the model's {n_layers} layers");
+        }
+        if let Site::Head(_, h) = site {
+            if h >= dims.n_heads {
+                bail_request!("{site:?}: the model has {} heads per layer", dims.n_heads);
+            }
         }
     }
     if iv.patches.iter().any(|p| p.site == Site::Embed)

@@ -9,12 +9,15 @@
 //! ```text
 //!   embeddings ── EmbedEdit ── capture(Embed) ── (+ positions) ── patch/capture(Input) ─┐
 //!   ┌──────────────────────────────────────────────────────────────────────────────────┘
-//!   └─> attn(l) ── patch/capture(Attn(l)) ── + ── mlp(l) ── patch/capture(Mlp(l)) ── +
+//!   └─> heads(l) ── patch/capture(Heads(l)) ── patch/capture(Head(l, h)) ── o_proj ──
+//!        patch/capture(Attn(l)) ── + ── mlp(l) ── patch/capture(Mlp(l)) ── +
 //!        ── patch/capture(Block(l)) ─> next layer
 //! ```
 //!
 //! At each site, patches apply first, then row copies, then captures: a capture sees the
-//! state after this pass's own changes at the same site.
+//! state after this pass's own changes at the same site. `Head(l, h)` is a column slice of
+//! `Heads(l)`: its patches and copies apply after those of `Heads(l)`, and before the
+//! captures of either.
 
 use std::ops::Range;
 
@@ -39,6 +42,12 @@ pub enum Site {
     /// The MLP sublayer's output of layer `l` (after its down projection, before it is added
     /// to the residual stream).
     Mlp(usize),
+    /// Every attention head's output of layer `l` before the output projection, heads
+    /// side by side: `(b, t, n_heads × head_dim)` (TransformerLens' `hook_z`, flattened).
+    Heads(usize),
+    /// Head `h`'s output of layer `l` before the output projection: `(b, t, head_dim)`, its
+    /// attention-weighted value vector (`hook_z[:, :, h]`).
+    Head(usize, usize),
 }
 
 impl Site {
@@ -46,7 +55,21 @@ impl Site {
     pub fn layer(self) -> Option<usize> {
         match self {
             Site::Embed | Site::Input => None,
-            Site::Block(l) | Site::Attn(l) | Site::Mlp(l) => Some(l),
+            Site::Block(l) | Site::Attn(l) | Site::Mlp(l) | Site::Heads(l) | Site::Head(l, _) => {
+                Some(l)
+            }
+        }
+    }
+}
+
+impl From<common::kinds::State> for Site {
+    fn from(state: common::kinds::State) -> Self {
+        use common::kinds::State;
+        match state {
+            State::Block(l) => Site::Block(l),
+            State::Mlp(l) => Site::Mlp(l),
+            State::Attn(l) => Site::Attn(l),
+            State::Head(l, h) => Site::Head(l, h),
         }
     }
 }
@@ -337,5 +360,61 @@ pub(crate) fn read_capture(xs: &Tensor, capture: &Capture, pos0: usize) -> Resul
         return Ok(xs.i((.., start..start + local.len(), ..))?.contiguous()?);
     }
     let idx = Tensor::new(local.as_slice(), xs.device())?;
-    Ok(xs.index_select(&idx, 1)?)
+    Ok(xs.contiguous()?.index_select(&idx, 1)?)
+}
+
+/// Applies the patches and row copies of the `Head(layer, h)` sites to `z`, the heads'
+/// outputs `(b_sz, seq_len, n_heads × head_dim)` whose first token is at `pos0`. Each head is
+/// a column slice of `z`; it is addressed as rows of the `(b_sz, seq_len × n_heads,
+/// head_dim)` view, so the overwrite is the same exact copy as at any other site.
+pub(crate) fn apply_head_sites(
+    z: Tensor,
+    layer: usize,
+    n_heads: usize,
+    iv: &Interventions,
+    pos0: usize,
+) -> Result<Tensor> {
+    let here = |site: Site| matches!(site, Site::Head(l, _) if l == layer);
+    if !iv.patches.iter().any(|p| here(p.site)) && !iv.copies.iter().any(|c| here(c.site)) {
+        return Ok(z);
+    }
+    let (b_sz, seq_len, width) = z.dims3()?;
+    if n_heads == 0 || width % n_heads != 0 {
+        bail_request!("heads of layer {layer}: width {width} is not {n_heads} heads");
+    }
+    let head_dim = width / n_heads;
+    let mut view = z.contiguous()?.reshape((b_sz, seq_len * n_heads, head_dim))?;
+    // Tokens become rows of the view: (token - pos0) × n_heads + h, first row 0.
+    let map = |site: Site, h: usize, tokens: &[usize]| -> Result<Vec<usize>> {
+        tokens
+            .iter()
+            .map(|&t| {
+                if t < pos0 || t >= pos0 + seq_len {
+                    bail_request!(
+                        "{site:?}: token {t} is outside the computed tokens {pos0}..{}",
+                        pos0 + seq_len
+                    );
+                }
+                Ok((t - pos0) * n_heads + h)
+            })
+            .collect()
+    };
+    for h in 0..n_heads {
+        let site = Site::Head(layer, h);
+        let patches = iv
+            .patches
+            .iter()
+            .filter(|p| p.site == site)
+            .map(|p| Ok(Patch { tokens: map(site, h, &p.tokens)?, ..p.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        view = apply_patches(view, site, &patches, 0)?;
+        let copies = iv
+            .copies
+            .iter()
+            .filter(|c| c.site == site)
+            .map(|c| Ok(RowCopy { tokens: map(site, h, &c.tokens)?, ..c.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        view = apply_copies(view, site, &copies, 0)?;
+    }
+    Ok(view.reshape((b_sz, seq_len, width))?)
 }

@@ -1,7 +1,8 @@
 //! `trace-bench`: times the naive and the fast causal trace on real facts in one run.
 //!
 //! For each of the first N facts of a knowns file that the model predicts (first-token rule),
-//! it traces all kinds with both paths and prints the seconds, the speed-up, the FLOPs each
+//! it traces the experiment's kinds (ROME's three by default; any `worker trace` flag) with
+//! both paths and prints the seconds, the speed-up, the FLOPs each
 //! path performs, the FLOP ratio, and each path's achieved GFLOP/s next to the machine's f32
 //! GEMM rate measured in the same run (a large candle matmul). It also checks that the two
 //! paths agree. Not a test: timings on shared machines are noisy, ratios within one run less so.
@@ -16,10 +17,12 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use common::dataset::read_knowns_file;
+use common::experiment::Resolved;
+use common::flags::ExperimentFlags;
 use worker::cli::ModelArgs;
 use worker::trace::cost::{fast_flops, model_cost, naive_flops};
-use worker::trace::noise::{embedding_std, resolve};
-use worker::trace::{FactInput, NoiseSpec, Path, TraceConfig, trace_fact};
+use worker::trace::noise::embedding_std;
+use worker::trace::{FactInput, Path, TraceOptions, trace_fact};
 
 #[derive(Debug, Parser)]
 #[command(about = "Times naive and fast causal tracing on real facts")]
@@ -35,12 +38,9 @@ struct Args {
     /// Trace these known_ids instead of the first predicted facts.
     #[arg(long, value_delimiter = ',')]
     known_ids: Vec<u64>,
-    /// Noise samples.
-    #[arg(long, default_value_t = 10)]
-    samples: usize,
-    /// Noise: a level, sK or uK.
-    #[arg(long, default_value = "s3")]
-    noise: NoiseSpec,
+    /// The experiment (ROME's by default: hidden, mlp, attn; s3 noise; 10 samples).
+    #[command(flatten)]
+    experiment: ExperimentFlags,
     /// Skip the naive path (to profile the fast one).
     #[arg(long)]
     fast_only: bool,
@@ -81,19 +81,19 @@ fn main() -> anyhow::Result<()> {
     let tokenizer = loaded.tokenizer()?;
     let knowns = read_knowns_file(&args.knowns)?;
     let subjects: Vec<&str> = knowns.facts.iter().map(|f| f.subject.as_str()).collect();
-    let std = match args.noise {
-        NoiseSpec::StdMultiple(_) => Some(embedding_std(&loaded.model, tokenizer, &subjects)?),
-        _ => None,
+    let experiment = args.experiment.experiment()?;
+    let rule = *experiment.noise();
+    let std = match rule.needs_calibration() {
+        true => Some(embedding_std(&loaded.model, tokenizer, &subjects)?),
+        false => None,
     };
-    let mut cfg = TraceConfig::rome(0.0);
-    cfg.samples = args.samples;
-    cfg.noise = resolve(args.noise, false, std)?;
-    cfg.correctness = worker::trace::Correctness::FirstToken;
+    let exp = Resolved::new(experiment, rule.resolve(std)?)?;
+    let opts = TraceOptions::default();
     let cost = model_cost(&loaded.model);
 
     println!(
         "threads {threads}, noise level {:.4}; GEMM: candle's f32 2048^3 rate, measured just before and after each fast trace",
-        cfg.noise.level
+        exp.noise.level
     );
     let columns = [
         "fact",
@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         };
         let gemm_before = gemm_gflops()?;
         let start = Instant::now();
-        let fast = trace_fact(&loaded.model, tokenizer, &input, &cfg, Path::Fast)?;
+        let fast = trace_fact(&loaded.model, tokenizer, &input, &exp, &opts, Path::Fast)?;
         let fast_s = start.elapsed().as_secs_f64();
         if !fast.traced() {
             continue;
@@ -147,19 +147,19 @@ fn main() -> anyhow::Result<()> {
         done += 1;
         let t_len = fast.tokens.len();
         let (b, e) = fast.subject_range;
-        let fast_tf = fast_flops(&cost, &cfg, t_len, b) / 1e12;
-        let naive_tf = naive_flops(&cost, &cfg, t_len) / 1e12;
+        let fast_tf = fast_flops(&cost, &exp.experiment, t_len, (b, e)) / 1e12;
+        let naive_tf = naive_flops(&cost, &exp.experiment, t_len, (b, e)) / 1e12;
         let (naive_s, max_diff) = if args.fast_only {
             (f64::NAN, f32::NAN)
         } else {
             let start = Instant::now();
-            let naive = trace_fact(&loaded.model, tokenizer, &input, &cfg, Path::Naive)?;
+            let naive = trace_fact(&loaded.model, tokenizer, &input, &exp, &opts, Path::Naive)?;
             let secs = start.elapsed().as_secs_f64();
             let diff = naive
                 .scores
                 .iter()
-                .flat_map(|(k, table)| table.iter().flatten().zip(fast.scores[k].iter().flatten()))
-                .map(|(a, b)| (a - b).abs())
+                .flat_map(|(k, table)| table.computed().map(move |(cell, v)| (k, cell, v)))
+                .map(|(k, cell, v)| (v - fast.scores[k].get(cell)).abs())
                 .fold((naive.low_score - fast.low_score).abs(), f32::max);
             (secs, diff)
         };

@@ -92,6 +92,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             threads: candle_core::utils::get_num_threads() as u32,
             n_layers: dims.n_layers as u32,
             d_model: dims.d_model as u32,
+            n_heads: dims.n_heads as u32,
             family: loaded.model.family().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };

@@ -3,15 +3,16 @@
 use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use common::dataset::read_knowns_file;
-use common::flags::TraceFlags;
+use common::experiment::Resolved;
+use common::flags::ExperimentFlags;
 
 use super::ModelArgs;
 use crate::load::LoadedModel;
-use crate::trace::noise::{embedding_std, resolve};
-use crate::trace::{FactInput, FactTrace, NoiseSpec, Path, TraceConfig, trace_fact};
+use crate::trace::noise::embedding_std;
+use crate::trace::{FactInput, FactTrace, Path, TraceOptions, geometry, trace_fact};
 
 /// `worker trace`.
 #[derive(Debug, Args)]
@@ -28,9 +29,9 @@ pub struct TraceArgs {
     /// The expected attribute (e.g. "Berlin"), for the correctness check.
     #[arg(long)]
     pub expect: Option<String>,
-    /// The trace settings.
+    /// The experiment.
     #[command(flatten)]
-    pub trace: TraceFlags,
+    pub experiment: ExperimentFlags,
     /// Knowns file whose subjects define the embedding std for sK noise.
     #[arg(long)]
     pub noise_subjects: Option<PathBuf>,
@@ -86,38 +87,24 @@ pub fn run_noise_level(args: &NoiseLevelArgs, out: &mut dyn Write) -> anyhow::Re
 
 /// Runs `worker trace`.
 pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let flags = &args.trace;
-    flags.check().map_err(anyhow::Error::msg)?;
+    let experiment = args.experiment.experiment()?;
     let loaded = args.model.load()?;
-    let n_layers = loaded.model.dims().n_layers;
-    let window = flags.window as usize;
-    if window > n_layers {
-        bail!("--window {window} must be between 1 and the model's {n_layers} layers");
-    }
-    let std = match flags.noise {
-        NoiseSpec::StdMultiple(_) => {
-            let path = args.noise_subjects.as_deref().with_context(|| {
-                format!(
-                    "--noise {} needs --noise-subjects <KNOWNS FILE> (ROME uses the dataset's subjects), or give a level such as --noise 0.1",
-                    flags.noise
-                )
-            })?;
-            Some(subjects_std(&loaded, path)?)
-        }
-        _ => None,
+    experiment.check_model(geometry(&loaded.model))?;
+    let rule = experiment.noise();
+    let std = if rule.needs_calibration() {
+        let path = args.noise_subjects.as_deref().with_context(|| {
+            format!(
+                "--noise {} needs --noise-subjects <KNOWNS FILE> (ROME uses the dataset's subjects), or give a level such as --noise 0.1",
+                rule.noise
+            )
+        })?;
+        Some(subjects_std(&loaded, path)?)
+    } else {
+        None
     };
-    let noise = resolve(flags.noise, flags.replace, std)?;
-    let cfg = TraceConfig {
-        kinds: flags.kinds.clone(),
-        samples: flags.samples as usize,
-        window,
-        noise,
-        seed_mode: flags.seed_mode,
-        seed: flags.seed,
-        correctness: flags.correctness,
-        max_batch_tokens: args.max_batch_tokens,
-        layers: None,
-    };
+    let noise = rule.resolve(std)?;
+    let exp = Resolved::new(experiment, noise)?;
+    let opts = TraceOptions { max_batch_tokens: args.max_batch_tokens, layers: None };
     let fact = FactInput {
         known_id: args.known_id,
         prompt: &args.prompt,
@@ -126,10 +113,11 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     };
     let path = if args.naive { Path::Naive } else { Path::Fast };
     let started = std::time::Instant::now();
-    let trace = trace_fact(&loaded.model, loaded.tokenizer()?, &fact, &cfg, path)?;
+    let trace = trace_fact(&loaded.model, loaded.tokenizer()?, &fact, &exp, &opts, path)?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "traced");
+    let window = exp.experiment.window as usize;
     if let Some(dir) = &args.plot {
-        let written = crate::plot::write_heatmaps(&trace, cfg.window, &model_name(&loaded), dir)?;
+        let written = crate::plot::write_heatmaps(&trace, window, &model_name(&loaded), dir)?;
         for file in written {
             tracing::info!("wrote {}", file.display());
         }
@@ -166,27 +154,31 @@ fn print_trace(trace: &FactTrace, out: &mut dyn Write) -> anyhow::Result<()> {
         return Ok(());
     }
     for (kind, table) in &trace.scores {
+        let per_head = if table.n_heads > 1 { ", the best head of each layer" } else { "" };
         writeln!(
             out,
-            "\n{kind}: p({}) with the state restored, tokens down, layers across",
+            "\n{kind}: p({}) with the state restored, tokens down, layers across{per_head}",
             trace.answer.trim()
         )?;
-        for (t, row) in table.iter().enumerate() {
+        for &t in &trace.traced_tokens {
             let star = if (b..e).contains(&t) { "*" } else { "" };
             let label = format!("{}{star}", trace.tokens[t]);
-            let cells: String = row.iter().map(|s| format!("{:>4.0}", s * 100.0)).collect();
+            let cells: String = table
+                .row(t)
+                .chunks(table.n_heads)
+                .map(|heads| heads.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                .map(|s| format!("{:>4.0}", s * 100.0))
+                .collect();
             writeln!(out, "{label:>16} {cells}")?;
         }
-        let best = table
-            .iter()
-            .enumerate()
-            .flat_map(|(t, row)| row.iter().enumerate().map(move |(l, s)| (t, l, *s)))
-            .max_by(|a, b| a.2.total_cmp(&b.2));
-        if let Some((t, l, s)) = best {
+        let best = table.computed().max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((cell, s)) = best {
+            let head =
+                if table.n_heads > 1 { format!(", head {}", cell.head) } else { String::new() };
             writeln!(
                 out,
-                "{:>16} best: token {t} ({:?}), layer {l}: {s:.4} (×100 above)",
-                "", trace.tokens[t]
+                "{:>16} best: token {} ({:?}), layer {}{head}: {s:.4} (×100 above)",
+                "", cell.token, trace.tokens[cell.token], cell.layer
             )?;
         }
     }

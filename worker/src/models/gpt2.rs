@@ -213,6 +213,8 @@ impl Gpt2 {
         let dims = Dims {
             n_layers: cfg.n_layer,
             d_model: d,
+            n_heads: cfg.n_head,
+            head_dim: d / cfg.n_head,
             vocab_size: cfg.vocab_size,
             max_positions: cfg.n_positions,
         };
@@ -280,7 +282,13 @@ impl Decoder for Gpt2 {
             scale /= (layer + 1) as f64;
         }
         let out = causal_attention(&q, &kv, pos0, scale, None)?;
-        Ok((b.attn_c_proj.forward(&merge_heads(&out)?)?, kv))
+        Ok((merge_heads(&out)?, kv))
+    }
+
+    fn attn_out(&self, layer: usize, heads: &Tensor) -> Result<Tensor> {
+        let b = &self.blocks[layer];
+        let _enter = b.span.enter();
+        b.attn_c_proj.forward(heads)
     }
 
     fn mlp(&self, layer: usize, xs: &Tensor) -> Result<Tensor> {

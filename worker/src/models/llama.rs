@@ -372,6 +372,8 @@ impl Llama {
         let dims = Dims {
             n_layers: cfg.n_layers,
             d_model: d,
+            n_heads: cfg.n_heads,
+            head_dim: hd,
             vocab_size: cfg.vocab_size,
             max_positions: cfg.max_positions,
         };
@@ -429,7 +431,13 @@ impl Decoder for Llama {
         let kv = extend_kv(past, k, v)?;
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         let out = causal_attention(&q, &kv, pos0, scale, cfg.windows[layer])?;
-        Ok((l.attn.o.forward(&merge_heads(&out)?)?, kv))
+        Ok((merge_heads(&out)?, kv))
+    }
+
+    fn attn_out(&self, layer: usize, heads: &Tensor) -> Result<Tensor> {
+        let l = &self.layers[layer];
+        let _enter = l.span.enter();
+        l.attn.o.forward(heads)
     }
 
     fn mlp(&self, layer: usize, xs: &Tensor) -> Result<Tensor> {

@@ -1,12 +1,10 @@
-//! One leased job computed: the calibration (the `sK` noise level) or a fact's trace over a
-//! layer range, turned into the protocol's result.
-
-use common::settings::{Correctness, Distribution, Kind, SeedMode};
+//! One leased job computed: the calibration (the embeddings' std for `sK` noise) or a fact's
+//! trace over a layer range, turned into the protocol's result.
 
 use crate::error::Error;
 use crate::load::LoadedModel;
 use crate::trace::noise::embedding_std;
-use crate::trace::{FactInput, FactTrace, Noise, Path, TraceConfig, trace_fact};
+use crate::trace::{FactInput, FactTrace, Path, TraceOptions, trace_fact};
 
 /// Why a job failed, as the coordinator wants it.
 #[derive(Debug)]
@@ -43,20 +41,19 @@ pub fn compute(
             let subjects: Vec<&str> = c.subjects.iter().map(String::as_str).collect();
             let std = embedding_std(&loaded.model, tokenizer, &subjects)
                 .map_err(|e| JobError::new("calibration", &e))?;
+            // The coordinator turns the std into the level (the one place levels are
+            // resolved: `NoiseCorruption::resolve`).
             Ok(proto::complete_request::Result::Calibration(proto::CalibrationResult {
                 std,
-                // ROME: noise_level = factor * std, a float product (as `noise::resolve`).
-                level: c.factor * std,
                 subjects: subjects.len() as u64,
             }))
         }
         proto::job::Work::Trace(job) => {
             let fact = job.fact.as_ref().ok_or_else(|| JobError::settings("no fact".into()))?;
-            let settings =
-                job.settings.as_ref().ok_or_else(|| JobError::settings("no settings".into()))?;
-            let mut cfg = trace_config(settings, max_batch_tokens).map_err(JobError::settings)?;
+            let exp =
+                proto::convert::resolved(job).map_err(|e| JobError::settings(e.to_string()))?;
             let layers = job.layer_start as usize..job.layer_end as usize;
-            cfg.layers = Some(layers.clone());
+            let opts = TraceOptions { max_batch_tokens, layers: Some(layers.clone()) };
             let tokenizer = loaded.tokenizer().map_err(|e| JobError::new("trace", &e))?;
             let input = FactInput {
                 known_id: fact.known_id,
@@ -64,46 +61,32 @@ pub fn compute(
                 subject: &fact.subject,
                 expect: Some(&fact.attribute),
             };
-            let trace = trace_fact(&loaded.model, tokenizer, &input, &cfg, Path::Fast)
+            let trace = trace_fact(&loaded.model, tokenizer, &input, &exp, &opts, Path::Fast)
                 .map_err(|e| JobError::new("trace", &e))?;
             Ok(proto::complete_request::Result::Trace(to_result(&trace, &layers)))
         }
     }
 }
 
-/// The trace configuration a job's settings describe.
-pub fn trace_config(
-    s: &proto::TraceSettings,
-    max_batch_tokens: usize,
-) -> Result<TraceConfig, String> {
-    let kinds = s.kinds.iter().map(|k| k.parse::<Kind>()).collect::<Result<Vec<_>, _>>()?;
-    let distribution: Distribution = s.distribution.parse()?;
-    let seed_mode: SeedMode = s.seed_mode.parse()?;
-    let correctness: Correctness = s.correctness.parse()?;
-    if kinds.is_empty() || s.samples == 0 || s.window == 0 {
-        return Err("kinds, samples and window must be set".into());
-    }
-    Ok(TraceConfig {
-        kinds,
-        samples: s.samples as usize,
-        window: s.window as usize,
-        noise: Noise { level: s.noise_level, distribution, replace: s.replace },
-        seed_mode,
-        seed: s.seed,
-        correctness,
-        max_batch_tokens,
-        layers: None,
-    })
-}
-
-/// A trace as the protocol carries it: each kind's scores over `layers`, token-major.
+/// A trace as the protocol carries it: each kind's cells over the traced tokens and
+/// `layers` (and heads), token-major.
 pub fn to_result(trace: &FactTrace, layers: &std::ops::Range<usize>) -> proto::TraceResult {
     let scores = trace
         .scores
         .iter()
-        .map(|(kind, table)| proto::KindScores {
-            kind: kind.name().to_string(),
-            scores: table.iter().flat_map(|row| row[layers.clone()].iter().copied()).collect(),
+        .map(|(&kind, table)| {
+            let heads = table.n_heads;
+            proto::KindScores {
+                kind: proto::Kind::from(kind) as i32,
+                tokens: trace.traced_tokens.iter().map(|&t| t as u32).collect(),
+                scores: trace
+                    .traced_tokens
+                    .iter()
+                    .flat_map(|&t| {
+                        table.row(t)[layers.start * heads..layers.end * heads].iter().copied()
+                    })
+                    .collect(),
+            }
         })
         .collect();
     proto::TraceResult {

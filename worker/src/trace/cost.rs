@@ -5,7 +5,10 @@
 //! both paths compute, masked entries included), and the LM head. Norms, softmax, RoPE and
 //! copies are left out: they are O(d) per token against O(d²), under 1% here.
 
-use super::config::{Kind, TraceConfig, window_layers};
+use common::experiment::Experiment;
+use common::kinds::{Cell, Geometry, Plan};
+use common::settings::SeedMode;
+
 use crate::models::{Model, ModelConfig};
 
 /// The per-token costs of a model.
@@ -19,6 +22,8 @@ pub struct ModelCost {
     pub head_macs: f64,
     /// Blocks.
     pub n_layers: usize,
+    /// Query heads per layer.
+    pub n_heads: usize,
 }
 
 impl ModelCost {
@@ -33,6 +38,7 @@ impl ModelCost {
                     attn_macs_per_pair: 2.0 * d,
                     head_macs: d * c.vocab_size as f64,
                     n_layers: c.n_layer,
+                    n_heads: c.n_head,
                 }
             }
             ModelConfig::Llama(c) => {
@@ -45,9 +51,15 @@ impl ModelCost {
                     attn_macs_per_pair: 2.0 * q,
                     head_macs: d * c.vocab_size as f64,
                     n_layers: c.n_layers,
+                    n_heads: c.n_heads,
                 }
             }
         }
+    }
+
+    /// The model's layers and heads.
+    pub fn geometry(&self) -> Geometry {
+        Geometry { n_layers: self.n_layers, n_heads: self.n_heads }
     }
 
     /// FLOPs of `rows` rows computing tokens `from..to` (keys `0..to`) through `layers` layers,
@@ -68,30 +80,54 @@ impl ModelCost {
     }
 }
 
-/// FLOPs of the naive path on a `t_len`-token prompt: clean and corrupted runs, then one
-/// forward of S + 1 rows over all tokens and layers per state, logits at every position.
-pub fn naive_flops(cost: &ModelCost, cfg: &TraceConfig, t_len: usize) -> f64 {
-    let run = cost.forward(cfg.samples + 1, 0, t_len, cost.n_layers, t_len);
-    let states = cfg.kinds.len() * t_len * cost.n_layers;
-    (2 + states) as f64 * run
+/// FLOPs of the naive path on a `t_len`-token prompt with subject `[b, e)`: clean and
+/// corrupted runs, then per cell one forward of S + 1 rows over all tokens and layers
+/// (two for a kind that freezes states), logits at every position.
+pub fn naive_flops(
+    cost: &ModelCost,
+    exp: &Experiment,
+    t_len: usize,
+    subject: (usize, usize),
+) -> f64 {
+    let run = cost.forward(exp.samples() + 1, 0, t_len, cost.n_layers, t_len);
+    let tokens = exp.tokens.select(subject, t_len).len();
+    let runs: usize = exp
+        .kinds
+        .iter()
+        .map(|k| {
+            tokens * k.cells_per_token(cost.geometry()) * if k.freezes().is_some() { 2 } else { 1 }
+        })
+        .sum();
+    (2 + runs) as f64 * run
 }
 
 /// FLOPs of the fast path on a `t_len`-token prompt with subject `[b, e)`: a clean run of one
-/// row, a corrupted run of S rows, then for each state that is not a provable no-op, S rows
-/// computing tokens `t..T` from the layer the state joins at, the head at the last position.
-pub fn fast_flops(cost: &ModelCost, cfg: &TraceConfig, t_len: usize, b: usize) -> f64 {
-    let n_layers = cost.n_layers;
-    let mut flops =
-        cost.forward(1, 0, t_len, n_layers, 1) + cost.forward(cfg.samples, 0, t_len, n_layers, 1);
-    for &kind in &cfg.kinds {
-        for t in b..t_len {
-            for layer in 0..n_layers {
-                let join = match kind {
-                    Kind::Hidden if layer + 1 == n_layers && t + 1 < t_len => continue,
-                    Kind::Hidden => layer + 1,
-                    Kind::Mlp | Kind::Attn => window_layers(layer, cfg.window, n_layers).start,
-                };
-                flops += cost.forward(cfg.samples, t, t_len, n_layers - join, 1);
+/// row, a corrupted run of S rows (and the severed kinds' second draw in ROME's seed mode),
+/// then per traced token ≥ b the severed kinds' trunk (S rows from layer 0) and, for each
+/// cell that is not a provable no-op, S rows computing tokens `t..T` from the layer it joins
+/// at, the head at the last position.
+pub fn fast_flops(
+    cost: &ModelCost,
+    exp: &Experiment,
+    t_len: usize,
+    subject: (usize, usize),
+) -> f64 {
+    let (n_layers, s, g) = (cost.n_layers, exp.samples(), cost.geometry());
+    let two_draws = exp.freezes() && exp.noise().seed_mode == SeedMode::Rome;
+    let corrupted_runs = if two_draws { 2 } else { 1 };
+    let mut flops = cost.forward(1, 0, t_len, n_layers, 1)
+        + corrupted_runs as f64 * cost.forward(s, 0, t_len, n_layers, 1);
+    let window = exp.window as usize;
+    for &kind in &exp.kinds {
+        for t in exp.tokens.select(subject, t_len).into_iter().filter(|&t| t >= subject.0) {
+            if kind.freezes().is_some() && two_draws {
+                flops += cost.forward(s, t, t_len, n_layers, 1);
+            }
+            for (layer, head) in kind.layer_heads(g) {
+                let cell = Cell { token: t, layer, head };
+                if let Plan::Run { join } = kind.plan(cell, subject, t_len, window, n_layers) {
+                    flops += cost.forward(s, t, t_len, n_layers - join, 1);
+                }
             }
         }
     }
@@ -109,7 +145,6 @@ pub fn model_cost(model: &Model) -> ModelCost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::config::TraceConfig;
 
     /// GPT-2 small: 85M parameters in its blocks, so ~2 × 85M FLOPs per token.
     #[test]
@@ -127,9 +162,18 @@ mod tests {
     fn fast_is_a_fraction_of_naive() {
         let raw: crate::models::gpt2::RawConfig = serde_json::from_str("{}").expect("defaults");
         let cost = ModelCost::of(&ModelConfig::Gpt2(raw.into_config("test").expect("config")));
-        let cfg = TraceConfig::rome(0.1);
-        let ratio = naive_flops(&cost, &cfg, 10) / fast_flops(&cost, &cfg, 10, 0);
+        let exp = Experiment::rome();
+        let ratio = naive_flops(&cost, &exp, 10, (0, 2)) / fast_flops(&cost, &exp, 10, (0, 2));
         assert!(ratio > 3.0 && ratio < 8.0, "{ratio}");
-        assert!(naive_flops(&cost, &cfg, 10) / fast_flops(&cost, &cfg, 10, 4) > ratio);
+        let later = naive_flops(&cost, &exp, 10, (4, 6)) / fast_flops(&cost, &exp, 10, (4, 6));
+        assert!(later > ratio, "{later} vs {ratio}");
+        // A Figure-3 experiment of the last subject token costs a fraction of a full trace.
+        let mut fig3 = Experiment::rome();
+        fig3.kinds = vec![common::kinds::Kind::SeveredMlp];
+        fig3.tokens = common::experiment::Tokens(vec![common::experiment::TokenRole::LastSubject]);
+        let mut full = fig3.clone();
+        full.tokens = common::experiment::Tokens::all();
+        let share = fast_flops(&cost, &fig3, 10, (0, 2)) / fast_flops(&cost, &full, 10, (0, 2));
+        assert!(share < 0.3, "{share}");
     }
 }

@@ -1,25 +1,33 @@
-//! Causal tracing of one fact (Meng et al., NeurIPS 2022; ROME's `calculate_hidden_flow`).
+//! Causal tracing of one fact (Meng et al., NeurIPS 2022; ROME's `calculate_hidden_flow`, and
+//! `trace_with_repatch` for the severed kinds): docs/science.md defines every quantity.
 //!
 //! Clean run → answer and `high_score`; correctness; S corrupted runs (noise on the subject's
-//! embeddings) → `low_score`; then for each kind a T × L table: the mean p(answer) over the
-//! samples with state (t, l) restored to its clean value. Two implementations compute the
-//! tables: [`naive`], ROME's algorithm as ROME runs it, and [`fast`], which reuses the
-//! corrupted prefix and batches the suffixes. Tests prove they agree.
+//! embeddings) → `low_score`; then for each kind of the experiment a table over the kind's
+//! axes: the mean p(answer) over the samples with one cell's states restored to their clean
+//! values (and the kind's frozen states held at a corrupted run's). Two implementations
+//! compute the tables: [`naive`], ROME's algorithm as ROME runs it, and [`fast`], which
+//! reuses corrupted prefixes and batches the suffixes. Both take every kind-specific decision
+//! from the kind itself (`common::kinds`). Tests prove they agree.
 
-pub mod config;
 pub mod cost;
 pub mod fast;
 pub mod naive;
 pub mod noise;
 pub mod rng;
+pub mod table;
 pub mod tokens;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use candle_core::{DType, Tensor};
+use common::experiment::Resolved;
+use common::kinds::{Axis, Geometry, Kind};
 use serde::Serialize;
 
-pub use config::{Correctness, Distribution, Kind, Noise, NoiseSpec, Path, SeedMode, TraceConfig};
+pub use common::experiment::{Experiment, Noise};
+pub use common::settings::{Correctness, Distribution, NoiseSpec, SeedMode};
+pub use table::KindTable;
 
 use crate::error::{Error, Result};
 use crate::models::Model;
@@ -36,6 +44,38 @@ pub struct FactInput<'a> {
     pub subject: &'a str,
     /// The expected attribute, for the correctness check.
     pub expect: Option<&'a str>,
+}
+
+/// Which implementation computes the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// ROME's algorithm as ROME runs it.
+    Naive,
+    /// Clean run once, corrupted prefixes reused, suffixes batched.
+    Fast,
+}
+
+/// How the engine runs an experiment: settings that change no number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceOptions {
+    /// Fast path memory bound: at most this many (row × token) states in one batched forward.
+    pub max_batch_tokens: usize,
+    /// Compute only these layers' cells (a sweep job's share of the fact); the others stay
+    /// NaN. `None`: every layer.
+    pub layers: Option<Range<usize>>,
+}
+
+impl Default for TraceOptions {
+    fn default() -> Self {
+        Self { max_batch_tokens: 8192, layers: None }
+    }
+}
+
+impl TraceOptions {
+    /// Whether the cells of `layer` are asked for.
+    pub fn wants_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|r| r.contains(&layer))
+    }
 }
 
 /// What a trace computes for one fact (the JSON of `worker trace`).
@@ -60,8 +100,13 @@ pub struct FactTrace {
     pub noise_level: f64,
     /// Whether the model predicts the attribute (`None` without one).
     pub correct: Option<bool>,
-    /// Per kind, T rows of L scores; empty when the fact was not traced (not predicted).
-    pub scores: BTreeMap<Kind, Vec<Vec<f32>>>,
+    /// The tokens whose rows were computed (the experiment's selector); empty when the fact
+    /// was not traced.
+    pub traced_tokens: Vec<usize>,
+    /// Per kind, its table (T × L, or T × L × H); empty when the fact was not traced.
+    pub scores: BTreeMap<Kind, KindTable>,
+    /// Per kind, the axes of its table, outermost first.
+    pub axes: BTreeMap<Kind, &'static [Axis]>,
 }
 
 impl FactTrace {
@@ -71,13 +116,27 @@ impl FactTrace {
     }
 }
 
-/// A fact ready to run: its tokens, subject range and noise.
+/// The model's extent along the axes a kind may have.
+pub fn geometry(model: &Model) -> Geometry {
+    let dims = model.dims();
+    Geometry { n_layers: dims.n_layers, n_heads: dims.n_heads }
+}
+
+/// A fact ready to run: its tokens, subject range, traced tokens and noise.
 pub(crate) struct Prepared {
     pub(crate) ids: Vec<u32>,
     pub(crate) tokens: Vec<String>,
     pub(crate) subject: (usize, usize),
-    /// `(S, e - b, d)` in f64, already multiplied by the level.
+    /// The experiment's token selector applied to this prompt.
+    pub(crate) traced_tokens: Vec<usize>,
+    /// The corrupted run's noise, `(S, e - b, d)` in f64, already multiplied by the level:
+    /// the stream's first `S × (e − b) × d` values. It gives `low_score`, and the severed
+    /// kinds freeze states at the values of the run it corrupts.
     pub(crate) noise: Tensor,
+    /// The noise of the severed kinds' measured run in ROME's seed mode: the stream's next
+    /// `S × (e − b) × d` values (`trace_with_repatch` draws twice from one `RandomState(1)`).
+    /// `None` in per-fact mode, where the measured run is the corrupted run itself.
+    pub(crate) second: Option<Tensor>,
 }
 
 impl Prepared {
@@ -85,15 +144,12 @@ impl Prepared {
         model: &Model,
         tokenizer: &Tokenizer,
         fact: &FactInput<'_>,
-        cfg: &TraceConfig,
+        exp: &Resolved,
+        opts: &TraceOptions,
     ) -> Result<Self> {
-        if cfg.samples == 0 {
-            return Err(Error::Trace("samples must be at least 1".into()));
-        }
-        if cfg.window == 0 {
-            return Err(Error::Trace("window must be at least 1".into()));
-        }
-        if let Some(layers) = &cfg.layers {
+        let e = &exp.experiment;
+        e.check_model(geometry(model)).map_err(|err| Error::Trace(err.to_string()))?;
+        if let Some(layers) = &opts.layers {
             let n_layers = model.dims().n_layers;
             if layers.start >= layers.end || layers.end > n_layers {
                 return Err(Error::Trace(format!(
@@ -113,19 +169,30 @@ impl Prepared {
                 fact.subject, fact.prompt
             ))
         })?;
-        let d = model.dims().d_model;
-        let n = cfg.samples * (subject.1 - subject.0) * d;
-        let seed = config::fact_seed(cfg.seed_mode, cfg.seed, fact.known_id);
-        let unit = noise::draw(seed, cfg.noise.distribution, n);
+        let traced_tokens = e.tokens.select(subject, ids.len());
+        let corruption = e.noise();
+        let (samples, width, d) = (e.samples(), subject.1 - subject.0, model.dims().d_model);
+        let n = samples * width * d;
+        let two_draws = e.freezes() && corruption.seed_mode == SeedMode::Rome;
+        let seed = noise::fact_seed(corruption.seed_mode, corruption.seed, fact.known_id);
+        let unit = noise::draw(seed, exp.noise.distribution, if two_draws { 2 * n } else { n });
         // ROME's noise_fn(x) = level * x, in f64.
-        let scaled: Vec<f64> = unit.into_iter().map(|x| cfg.noise.level * x).collect();
-        let noise =
-            Tensor::from_vec(scaled, (cfg.samples, subject.1 - subject.0, d), model.device())?;
-        Ok(Self { ids, tokens, subject, noise })
+        let scaled = |values: &[f64]| -> Result<Tensor> {
+            let v: Vec<f64> = values.iter().map(|x| exp.noise.level * x).collect();
+            Ok(Tensor::from_vec(v, (samples, width, d), model.device())?)
+        };
+        let noise = scaled(&unit[..n])?;
+        let second = if two_draws { Some(scaled(&unit[n..])?) } else { None };
+        Ok(Self { ids, tokens, subject, traced_tokens, noise, second })
     }
 
     pub(crate) fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// The noise of the runs whose states are measured while others are frozen.
+    pub(crate) fn measured_noise(&self) -> &Tensor {
+        self.second.as_ref().unwrap_or(&self.noise)
     }
 
     /// The trace of this fact.
@@ -134,8 +201,10 @@ impl Prepared {
         outcome: Outcome,
         low_score: f32,
         noise_level: f64,
-        scores: BTreeMap<Kind, Vec<Vec<f32>>>,
+        scores: BTreeMap<Kind, KindTable>,
     ) -> FactTrace {
+        let axes = scores.keys().map(|&k| (k, k.axes())).collect();
+        let traced_tokens = if scores.is_empty() { Vec::new() } else { self.traced_tokens };
         FactTrace {
             tokens: self.tokens,
             token_ids: self.ids,
@@ -146,7 +215,9 @@ impl Prepared {
             low_score,
             noise_level,
             correct: outcome.correct,
+            traced_tokens,
             scores,
+            axes,
         }
     }
 }
@@ -165,7 +236,7 @@ impl Outcome {
     pub(crate) fn new(
         tokenizer: &Tokenizer,
         fact: &FactInput<'_>,
-        cfg: &TraceConfig,
+        correctness: Correctness,
         probs: &[f32],
     ) -> Result<Self> {
         let (answer_id, high_score) = crate::predict::top_k(probs, 1)
@@ -173,7 +244,7 @@ impl Outcome {
             .copied()
             .ok_or_else(|| Error::Trace("the model has an empty vocabulary".into()))?;
         let answer = tokenizer.decode(&[answer_id])?;
-        let (correct, traced) = judge(tokenizer, fact.expect, &answer, answer_id, cfg.correctness)?;
+        let (correct, traced) = judge(tokenizer, fact.expect, &answer, answer_id, correctness)?;
         Ok(Self { answer, answer_id, high_score, correct, traced })
     }
 }
@@ -221,11 +292,12 @@ pub fn trace_fact(
     model: &Model,
     tokenizer: &Tokenizer,
     fact: &FactInput<'_>,
-    cfg: &TraceConfig,
+    exp: &Resolved,
+    opts: &TraceOptions,
     path: Path,
 ) -> Result<FactTrace> {
     match path {
-        Path::Naive => naive::trace(model, tokenizer, fact, cfg, None),
-        Path::Fast => fast::trace(model, tokenizer, fact, cfg),
+        Path::Naive => naive::trace(model, tokenizer, fact, exp, opts, None),
+        Path::Fast => fast::trace(model, tokenizer, fact, exp, opts),
     }
 }

@@ -1,111 +1,148 @@
-//! ROME's algorithm as ROME runs it (`calculate_hidden_flow` → `trace_with_patch`): for every
-//! restored state, one forward of S + 1 rows over the whole prompt, row 0 clean and rows
-//! 1..=S noised, the state copied from row 0 into rows 1..=S inside that same forward, logits
-//! at every position. The reference the fast path is tested against, and the baseline it is
-//! timed against.
+//! ROME's algorithm as ROME runs it: for every cell, one forward of S + 1 rows over the whole
+//! prompt, row 0 clean and rows 1..=S corrupted, the cell's states copied from row 0 into rows
+//! 1..=S inside that same forward, logits at every position (`calculate_hidden_flow` →
+//! `trace_with_patch`). A kind that freezes states runs ROME's notebook's two passes per cell
+//! (`trace_with_repatch`): a first corrupted pass whose outputs of the frozen states are
+//! kept, then the measured pass with the cell restored and those states written back. The
+//! reference the fast path is tested against, and the baseline it is timed against.
 
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
+use common::experiment::Resolved;
+use common::kinds::{Cell, Kind};
 
-use super::config::{Kind, window_layers};
-use super::{FactInput, FactTrace, Outcome, Prepared, TraceConfig, answer_probs, mean};
+use super::{
+    FactInput, FactTrace, KindTable, Outcome, Prepared, TraceOptions, answer_probs, geometry, mean,
+};
 use crate::error::Result;
 use crate::forward::{ForwardRequest, Logits, Start};
-use crate::intervene::{EmbedEdit, EmbedOp, Interventions, RowCopy, Site};
+use crate::intervene::{EmbedEdit, EmbedOp, Interventions, Patch, RowCopy, Site};
 use crate::models::Model;
 use crate::tokenizer::Tokenizer;
 
-/// The sites restored for state (t, l) of `kind`.
-pub(crate) fn restored_sites(
-    kind: Kind,
-    layer: usize,
-    window: usize,
-    n_layers: usize,
-) -> Vec<Site> {
-    match kind {
-        Kind::Hidden => vec![Site::Block(layer)],
-        Kind::Mlp => window_layers(layer, window, n_layers).map(Site::Mlp).collect(),
-        Kind::Attn => window_layers(layer, window, n_layers).map(Site::Attn).collect(),
-    }
-}
-
-/// Traces a fact ROME's way. With `only`, computes just those (token, layer) cells of every
-/// table and leaves the others NaN (the full naive trace of a real model takes minutes).
+/// Traces a fact ROME's way. With `only`, computes just those (token, layer) cells (every
+/// head of them) of every table and leaves the others NaN (the full naive trace of a real
+/// model takes minutes).
 pub fn trace(
     model: &Model,
     tokenizer: &Tokenizer,
     fact: &FactInput<'_>,
-    cfg: &TraceConfig,
+    exp: &Resolved,
+    opts: &TraceOptions,
     only: Option<&[(usize, usize)]>,
 ) -> Result<FactTrace> {
-    let prep = Prepared::new(model, tokenizer, fact, cfg)?;
-    let (t_len, n_layers, rows) = (prep.len(), model.dims().n_layers, cfg.samples + 1);
+    let e = &exp.experiment;
+    let prep = Prepared::new(model, tokenizer, fact, exp, opts)?;
+    let (t_len, g, rows) = (prep.len(), geometry(model), e.samples() + 1);
     let device: &Device = model.device();
     let flat: Vec<u32> = (0..rows).flat_map(|_| prep.ids.iter().copied()).collect();
     let ids = Tensor::from_vec(flat, (rows, t_len), device)?;
 
     // predict_from_input: softmax of the last position of every row; row 0's argmax.
-    let clean = run(model, &ids, Interventions::none())?;
+    let clean = run(model, &ids, Interventions::none())?.0;
     let probs =
         crate::forward::probabilities(&clean.narrow(0, 0, 1)?.squeeze(0)?)?.to_vec1::<f32>()?;
-    let outcome = Outcome::new(tokenizer, fact, cfg, &probs)?;
+    let outcome = Outcome::new(tokenizer, fact, e.correctness, &probs)?;
     let (answer_id, traced) = (outcome.answer_id, outcome.traced);
 
-    let (b, e) = prep.subject;
-    let noise = EmbedEdit {
+    let (b, end) = prep.subject;
+    let noised = |noise: &Tensor| EmbedEdit {
         rows: (1..rows).collect(),
-        tokens: b..e,
-        op: if cfg.noise.replace { EmbedOp::Replace } else { EmbedOp::Add },
-        values: prep.noise.clone(),
+        tokens: b..end,
+        op: if exp.noise.replace { EmbedOp::Replace } else { EmbedOp::Add },
+        values: noise.clone(),
     };
-    let score = |copies: Vec<RowCopy>| -> Result<f32> {
-        let iv = Interventions { embed: vec![noise.clone()], copies, ..Interventions::none() };
-        let logits = run(model, &ids, iv)?;
+    let score = |logits: &Tensor| -> Result<f32> {
         Ok(mean(&answer_probs(&logits.narrow(0, 1, rows - 1)?, answer_id)?))
     };
-    let low_score = score(Vec::new())?;
+    let low_score = score(&run(model, &ids, with_noise(noised(&prep.noise)))?.0)?;
 
     let mut scores = BTreeMap::new();
     if traced {
-        for &kind in &cfg.kinds {
-            let mut table = vec![vec![f32::NAN; n_layers]; t_len];
-            for (t, row) in table.iter_mut().enumerate() {
-                for (l, cell) in row.iter_mut().enumerate() {
-                    if only.is_some_and(|cells| !cells.contains(&(t, l))) || !cfg.wants_layer(l) {
+        for &kind in &e.kinds {
+            let mut table = KindTable::new(kind, t_len, g);
+            for &t in &prep.traced_tokens {
+                for (layer, head) in kind.layer_heads(g) {
+                    if only.is_some_and(|cells| !cells.contains(&(t, layer)))
+                        || !opts.wants_layer(layer)
+                    {
                         continue;
                     }
-                    let copies = restored_sites(kind, l, cfg.window, n_layers)
+                    let cell = Cell { token: t, layer, head };
+                    let copies = kind
+                        .restored(cell, e.window as usize, g.n_layers)
                         .into_iter()
-                        .map(|site| RowCopy {
-                            site,
+                        .map(|state| RowCopy {
+                            site: Site::from(state),
                             from_row: 0,
                             rows: (1..rows).collect(),
                             tokens: vec![t],
                         })
                         .collect();
-                    *cell = score(copies)?;
+                    // A kind that freezes states measures the second draw in ROME's seed
+                    // mode (`trace_with_repatch`'s second pass); the others the first.
+                    let measured =
+                        if kind.freezes().is_some() { prep.measured_noise() } else { &prep.noise };
+                    let mut iv = with_noise(noised(measured));
+                    iv.copies = copies;
+                    iv.patches = frozen(model, &ids, kind, t, rows, &noised(&prep.noise))?;
+                    table.set(cell, score(&run(model, &ids, iv)?.0)?);
                 }
             }
             scores.insert(kind, table);
         }
     }
-    Ok(prep.finish(outcome, low_score, cfg.noise.level, scores))
+    Ok(prep.finish(outcome, low_score, exp.noise.level, scores))
+}
+
+/// `trace_with_repatch`'s first pass for a kind that freezes states: the corrupted run (rows
+/// 1..=S corrupted by `first`), whose outputs of the frozen states at token `t` become
+/// patches of rows 1..=S. Empty for kinds that freeze nothing.
+fn frozen(
+    model: &Model,
+    ids: &Tensor,
+    kind: Kind,
+    t: usize,
+    rows: usize,
+    first: &EmbedEdit,
+) -> Result<Vec<Patch>> {
+    let states = kind.frozen(model.dims().n_layers);
+    if states.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut iv = with_noise(first.clone());
+    let slots: Vec<usize> = states.iter().map(|&s| iv.capture(Site::from(s), vec![t])).collect();
+    let captured = run(model, ids, iv)?.1;
+    states
+        .iter()
+        .zip(slots)
+        .map(|(&state, slot)| {
+            Ok(Patch {
+                site: Site::from(state),
+                rows: (1..rows).collect(),
+                tokens: vec![t],
+                values: captured[slot].narrow(0, 1, rows - 1)?,
+            })
+        })
+        .collect()
+}
+
+fn with_noise(edit: EmbedEdit) -> Interventions {
+    Interventions { embed: vec![edit], ..Interventions::none() }
 }
 
 /// One forward with logits at every position (as ROME's `model(**inp)`); returns the last
-/// position's logits `(rows, vocab)`.
-fn run(model: &Model, ids: &Tensor, iv: Interventions) -> Result<Tensor> {
+/// position's logits `(rows, vocab)` and the captures.
+fn run(model: &Model, ids: &Tensor, iv: Interventions) -> Result<(Tensor, Vec<Tensor>)> {
     let req = ForwardRequest {
         start: Start::Tokens(ids),
         interventions: &iv,
         logits: Logits::All,
         keep_kv: false,
     };
-    let logits = model
-        .forward(&req)?
-        .logits
-        .ok_or_else(|| crate::error::Error::Request("no logits".into()))?;
+    let out = model.forward(&req)?;
+    let logits = out.logits.ok_or_else(|| crate::error::Error::Request("no logits".into()))?;
     let (_, t_len, _) = logits.dims3()?;
-    Ok(logits.narrow(1, t_len - 1, 1)?.squeeze(1)?)
+    Ok((logits.narrow(1, t_len - 1, 1)?.squeeze(1)?, out.captures))
 }

@@ -1,9 +1,11 @@
-//! The corrupting noise: drawn as numpy draws it, scaled as ROME scales it, and the `sK`
-//! level from the spread of the subjects' embeddings (ROME's `collect_embedding_std`).
+//! The corrupting noise: drawn as numpy draws it, seeded per fact, and the spread of the
+//! subjects' embeddings that the `sK` level multiplies (ROME's `collect_embedding_std`). The
+//! level itself is resolved in one place, `common::experiment::NoiseCorruption::resolve`.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{Distribution, Noise, NoiseSpec};
+use common::settings::{Distribution, SeedMode};
+
 use super::rng::RandomState;
 use crate::error::{Error, Result};
 use crate::forward::{ForwardRequest, Logits, Start};
@@ -61,17 +63,43 @@ fn subject_embeddings(model: &Model, ids: &[u32]) -> Result<Vec<f64>> {
     Ok(out.captures[0].to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
 }
 
-/// Resolves a `--noise` spec to a level; `sK` needs the embedding std of the subjects.
-pub fn resolve(spec: NoiseSpec, replace: bool, std: Option<f64>) -> Result<Noise> {
-    Ok(match spec {
-        NoiseSpec::Level(level) => Noise { level, distribution: Distribution::Normal, replace },
-        NoiseSpec::Uniform(k) => Noise { level: k, distribution: Distribution::Uniform, replace },
-        // ROME: noise_level = 3 * collect_embedding_std(...), a Python float product.
-        NoiseSpec::StdMultiple(k) => {
-            let std = std.ok_or_else(|| {
-                Error::Trace(format!("noise s{k} needs the embedding std of the subjects"))
-            })?;
-            Noise { level: k * std, distribution: Distribution::Normal, replace }
+/// The seed of a fact's noise generator (numpy's `RandomState` takes 32 bits).
+pub fn fact_seed(mode: SeedMode, sweep_seed: u64, known_id: u64) -> u32 {
+    match mode {
+        SeedMode::Rome => 1,
+        SeedMode::PerFact => {
+            // SplitMix64 of the pair: a fixed, well-mixed function, so neighbouring ids and
+            // seeds give unrelated streams and a rerun gives the same one.
+            let mut z = sweep_seed ^ known_id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            (z >> 32) as u32
         }
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_fact_seeds_differ_and_repeat() {
+        let a = fact_seed(SeedMode::PerFact, 7, 1);
+        assert_eq!(a, fact_seed(SeedMode::PerFact, 7, 1));
+        assert_ne!(a, fact_seed(SeedMode::PerFact, 7, 2));
+        assert_ne!(a, fact_seed(SeedMode::PerFact, 8, 1));
+        assert_eq!(fact_seed(SeedMode::Rome, 7, 1), 1);
+    }
+
+    /// ROME's severed runs draw twice from one `RandomState(1)`: the second draw continues
+    /// the stream, so one draw of twice the length split in halves is the same two draws.
+    #[test]
+    fn two_draws_are_one_stream() {
+        let whole = draw(1, Distribution::Normal, 10);
+        let mut rs = RandomState::new(1);
+        let (a, b) = (rs.randn(5), rs.randn(5));
+        assert_eq!(&whole[..5], a.as_slice());
+        assert_eq!(&whole[5..], b.as_slice());
+    }
 }

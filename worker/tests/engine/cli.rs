@@ -89,6 +89,8 @@ fn trace_json_has_the_documented_shape() {
         assert_eq!(rows.len(), 23);
         assert!(rows.iter().all(|r| r.as_array().map(Vec::len) == Some(3)), "L = 3 columns");
     }
+    assert_eq!(v["axes"]["hidden"], serde_json::json!(["token", "layer"]));
+    assert_eq!(v["traced_tokens"].as_array().map(Vec::len), Some(23), "--tokens all");
 }
 
 #[test]
@@ -143,8 +145,27 @@ fn trace_plots_and_checks_its_flags() {
         .expect("run worker");
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("--window 10 must be between 1 and the model's 3 layers")
+            .contains("--window: 10 is more than the model's 3 layers")
     );
+
+    // The new kinds draw their maps: one per traced token for the heads.
+    let plots = tempfile::tempdir().expect("tempdir");
+    let out = worker()
+        .args(["trace", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", "Beats Music is owned by", "--subject", "Beats", "--noise", "0.5"])
+        .args(["--window", "2", "--samples", "2", "--kinds", "severed_mlp,head"])
+        .args(["--tokens", "last-subject,last", "--plot"])
+        .arg(plots.path())
+        .output()
+        .expect("run worker");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("severed_mlp: p(") && stdout.contains(", head "), "{stdout}");
+    // "Beats" is the first byte-token run; the prompt is 23 bytes.
+    for stem in ["trace_severed_mlp", "trace_head_t4", "trace_head_t22"] {
+        assert!(plots.path().join(format!("{stem}.png")).is_file(), "{stem}.png");
+    }
 
     let out = worker()
         .args(["trace", "--model"])

@@ -5,6 +5,7 @@ mod cli;
 mod errors;
 mod gguf_roundtrip;
 mod golden;
+mod heads;
 mod interventions;
 mod loading;
 mod rome;

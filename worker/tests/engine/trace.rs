@@ -1,13 +1,15 @@
 //! Causal tracing: the fast path computes exactly what ROME's algorithm (the naive path)
-//! computes, on every tiny family and on SmolLM2.
+//! computes, for every kind, on every tiny family and on SmolLM2.
 //!
 //! Tolerance 1e-5 absolute on every probability: the two paths run the same arithmetic on
 //! different batch shapes (S + 1 full rows against suffix rows of many states), which
 //! reorders f32 sums by a few ulps of O(1) activations; that moves probabilities by ~1e-7.
 
+use common::experiment::{Corruption, Experiment, Noise, Resolved, TokenRole, Tokens};
+use common::kinds::{Cell, Kind};
 use worker::trace::naive;
 use worker::trace::{
-    Correctness, Distribution, FactInput, FactTrace, Kind, Noise, Path, SeedMode, TraceConfig,
+    Correctness, Distribution, FactInput, FactTrace, NoiseSpec, Path, SeedMode, TraceOptions,
     trace_fact,
 };
 
@@ -15,63 +17,57 @@ use crate::util::{TINY, smollm2, tiny};
 
 const TOLERANCE: f32 = 1e-5;
 
-fn config(
+/// An experiment of `kinds` with the noise given as a level.
+pub fn experiment(
+    kinds: &[Kind],
     level: f64,
     distribution: Distribution,
     replace: bool,
     seed_mode: SeedMode,
-) -> TraceConfig {
-    TraceConfig {
-        kinds: Kind::ALL.to_vec(),
-        samples: 4,
-        window: 2,
-        noise: Noise { level, distribution, replace },
-        seed_mode,
-        seed: 99,
-        correctness: Correctness::None,
-        max_batch_tokens: 8192,
-        layers: None,
-    }
+) -> Resolved {
+    let mut e = Experiment { kinds: kinds.to_vec(), window: 2, ..Experiment::rome() };
+    e.correctness = Correctness::None;
+    let Corruption::Noise(n) = &mut e.corruption;
+    n.noise = match distribution {
+        Distribution::Normal => NoiseSpec::Level(level),
+        Distribution::Uniform => NoiseSpec::Uniform(level),
+    };
+    n.replace = replace;
+    n.samples = 4;
+    n.seed_mode = seed_mode;
+    n.seed = if seed_mode == SeedMode::PerFact { 99 } else { 0 };
+    Resolved::new(e, Noise { level, distribution, replace }).expect("a valid experiment")
 }
 
 /// Compares every number of two traces; NaN cells of `naive` (not computed) are skipped.
+/// Returns the cells compared.
 fn assert_same(what: &str, naive: &FactTrace, fast: &FactTrace) -> usize {
     assert_eq!(naive.tokens, fast.tokens, "{what}: tokens");
     assert_eq!(naive.subject_range, fast.subject_range, "{what}: subject range");
     assert_eq!(naive.answer_id, fast.answer_id, "{what}: answer");
-    assert!(
-        (naive.high_score - fast.high_score).abs() <= TOLERANCE,
-        "{what}: high {} vs {}",
-        naive.high_score,
-        fast.high_score
-    );
-    assert!(
-        (naive.low_score - fast.low_score).abs() <= TOLERANCE,
-        "{what}: low {} vs {}",
-        naive.low_score,
-        fast.low_score
-    );
+    assert_eq!(naive.traced_tokens, fast.traced_tokens, "{what}: traced tokens");
+    for (name, a, b) in
+        [("high", naive.high_score, fast.high_score), ("low", naive.low_score, fast.low_score)]
+    {
+        assert!((a - b).abs() <= TOLERANCE, "{what}: {name} {a} vs {b}");
+    }
     assert_eq!(naive.scores.keys().collect::<Vec<_>>(), fast.scores.keys().collect::<Vec<_>>());
     let mut compared = 0;
     for (kind, table) in &naive.scores {
-        for (t, row) in table.iter().enumerate() {
-            for (l, &expected) in row.iter().enumerate() {
-                if expected.is_nan() {
-                    continue;
-                }
-                let actual = fast.scores[kind][t][l];
-                assert!(
-                    (expected - actual).abs() <= TOLERANCE,
-                    "{what}: {kind} ({t}, {l}): naive {expected}, fast {actual}"
-                );
-                compared += 1;
-            }
+        for (cell, expected) in table.computed() {
+            let actual = fast.scores[kind].get(cell);
+            assert!(
+                (expected - actual).abs() <= TOLERANCE,
+                "{what}: {kind} {cell:?}: naive {expected}, fast {actual}"
+            );
+            compared += 1;
         }
     }
     compared
 }
 
-/// Full tables, every kind, Gaussian / uniform / replace noise, both seed modes.
+/// Full tables, every kind, Gaussian / uniform / replace noise, both seed modes (the
+/// severed kinds with ROME's two draws in the first case).
 #[test]
 fn fast_equals_naive_on_tiny_models() {
     let fact = FactInput {
@@ -81,40 +77,84 @@ fn fast_equals_naive_on_tiny_models() {
         subject: "owned",
         expect: None,
     };
+    let all = Kind::ALL;
     let cases = [
-        ("gaussian", config(1.0, Distribution::Normal, false, SeedMode::Rome)),
-        ("uniform", config(2.0, Distribution::Uniform, false, SeedMode::PerFact)),
-        ("replace", config(0.5, Distribution::Normal, true, SeedMode::PerFact)),
+        ("gaussian", experiment(&all, 1.0, Distribution::Normal, false, SeedMode::Rome)),
+        ("uniform", experiment(&all, 2.0, Distribution::Uniform, false, SeedMode::PerFact)),
+        ("replace", experiment(&all, 0.5, Distribution::Normal, true, SeedMode::PerFact)),
     ];
+    let opts = TraceOptions::default();
     for name in TINY {
         let loaded = tiny(name);
         let tok = loaded.tokenizer().expect("tokenizer");
-        for (noise, cfg) in &cases {
+        let heads = loaded.model.dims().n_heads;
+        for (noise, exp) in &cases {
             let what = format!("{name}/{noise}");
-            let naive = trace_fact(&loaded.model, tok, &fact, cfg, Path::Naive).expect("naive");
-            let fast = trace_fact(&loaded.model, tok, &fact, cfg, Path::Fast).expect("fast");
+            let naive =
+                trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Naive).expect("naive");
+            let fast = trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Fast).expect("fast");
             let t_len = fast.tokens.len();
             let n = assert_same(&what, &naive, &fast);
-            assert_eq!(n, 3 * t_len * 3, "{what}: every cell compared");
+            assert_eq!(n, t_len * 3 * (5 + heads), "{what}: every cell compared");
             // One token per byte: "owned" is bytes 15..20.
             assert_eq!(fast.subject_range, (15, 20), "{what}");
-            // Restoring the last token's final state gives back the clean prediction.
-            let top_right = fast.scores[&Kind::Hidden][t_len - 1][2];
-            assert!(
-                (top_right - fast.high_score).abs() <= TOLERANCE,
-                "{what}: {top_right} vs high {}",
-                fast.high_score
-            );
+            // Restoring the last token's final state gives back the clean prediction, with
+            // or without severed paths.
+            for kind in [Kind::Hidden, Kind::SeveredMlp, Kind::SeveredAttn] {
+                let top_right = fast.scores[&kind].at(t_len - 1, 2);
+                assert!(
+                    (top_right - fast.high_score).abs() <= TOLERANCE,
+                    "{what}: {kind} {top_right} vs high {}",
+                    fast.high_score
+                );
+            }
             // The corruption does something, and restoring states undoes some of it.
             assert!(fast.high_score != fast.low_score, "{what}: noise changed nothing");
-            let moved = fast
-                .scores
-                .values()
-                .flatten()
-                .flatten()
-                .filter(|&&s| (s - fast.low_score).abs() > 1e-3)
+            for (kind, table) in &fast.scores {
+                let moved =
+                    table.computed().filter(|(_, s)| (s - fast.low_score).abs() > 1e-3).count();
+                assert!(moved > 3, "{what}: {kind}: only {moved} cells differ from low_score");
+            }
+            // Severing changes the restored hidden state's effect.
+            let hidden = &fast.scores[&Kind::Hidden];
+            let severed = &fast.scores[&Kind::SeveredMlp];
+            let differ = (15..t_len)
+                .flat_map(|t| (0..3).map(move |l| (t, l)))
+                .filter(|&(t, l)| (hidden.at(t, l) - severed.at(t, l)).abs() > 1e-4)
                 .count();
-            assert!(moved > 10, "{what}: only {moved} cells differ from low_score");
+            assert!(differ >= 3, "{what}: severing the MLPs changed only {differ} cells");
+        }
+    }
+}
+
+/// Before the subject a severed cell changes nothing: in ROME's seed mode it scores the
+/// second draw's corrupted run (not low_score), in per-fact mode low_score.
+#[test]
+fn severed_no_ops_score_the_measured_run() {
+    let loaded = tiny("llama");
+    let tok = loaded.tokenizer().expect("tokenizer");
+    let fact = FactInput {
+        known_id: 3,
+        prompt: "The Space Needle is in",
+        subject: "Needle",
+        expect: None,
+    };
+    let opts = TraceOptions::default();
+    for mode in [SeedMode::Rome, SeedMode::PerFact] {
+        let exp =
+            experiment(&[Kind::Hidden, Kind::SeveredAttn], 1.0, Distribution::Normal, false, mode);
+        let fast = trace_fact(&loaded.model, tok, &fact, &exp, &opts, Path::Fast).expect("fast");
+        let (b, _) = fast.subject_range;
+        let severed = fast.scores[&Kind::SeveredAttn].at(0, 1);
+        assert_eq!(fast.scores[&Kind::Hidden].at(b - 1, 0), fast.low_score);
+        assert_eq!(fast.scores[&Kind::SeveredAttn].at(b - 1, 2), severed);
+        match mode {
+            SeedMode::Rome => assert!(
+                (severed - fast.low_score).abs() > 1e-4,
+                "the second draw is another corrupted run: {severed} vs {}",
+                fast.low_score
+            ),
+            SeedMode::PerFact => assert_eq!(severed, fast.low_score),
         }
     }
 }
@@ -130,15 +170,51 @@ fn batch_bound_does_not_change_scores() {
         subject: "Space Needle",
         expect: None,
     };
-    let mut cfg = config(1.0, Distribution::Normal, false, SeedMode::Rome);
-    let big = trace_fact(&loaded.model, tok, &fact, &cfg, Path::Fast).expect("fast");
-    cfg.max_batch_tokens = 1;
-    let small = trace_fact(&loaded.model, tok, &fact, &cfg, Path::Fast).expect("fast");
+    let exp = experiment(&Kind::ALL, 1.0, Distribution::Normal, false, SeedMode::Rome);
+    let big = trace_fact(&loaded.model, tok, &fact, &exp, &TraceOptions::default(), Path::Fast)
+        .expect("fast");
+    let small = TraceOptions { max_batch_tokens: 1, layers: None };
+    let small = trace_fact(&loaded.model, tok, &fact, &exp, &small, Path::Fast).expect("fast");
     assert_same("batch bound", &big, &small);
 }
 
-/// SmolLM2 on real facts, all kinds, Gaussian and uniform noise: the naive path on a sample of
-/// cells in every region of the table (the full naive trace takes minutes per fact).
+/// A token selector computes exactly those rows, with the numbers of the full trace, and a
+/// layer range exactly those layers.
+#[test]
+fn token_selectors_and_layer_ranges_compute_their_share() {
+    let loaded = tiny("qwen2");
+    let tok = loaded.tokenizer().expect("tokenizer");
+    let fact = FactInput {
+        known_id: 2,
+        prompt: "Apple A5 was created by",
+        subject: "Apple",
+        expect: None,
+    };
+    let mut exp = experiment(&Kind::ALL, 1.0, Distribution::Normal, false, SeedMode::Rome);
+    let opts = TraceOptions::default();
+    let full = trace_fact(&loaded.model, tok, &fact, &exp, &opts, Path::Fast).expect("full");
+    exp.experiment.tokens = Tokens(vec![TokenRole::LastSubject, TokenRole::Last]);
+    let some = TraceOptions { layers: Some(1..3), ..TraceOptions::default() };
+    let part = trace_fact(&loaded.model, tok, &fact, &exp, &some, Path::Fast).expect("part");
+    let (_, e) = part.subject_range;
+    let t_len = part.tokens.len();
+    assert_eq!(part.traced_tokens, vec![e - 1, t_len - 1]);
+    for (kind, table) in &part.scores {
+        let cells: Vec<Cell> = table.computed().map(|(c, _)| c).collect();
+        assert_eq!(
+            cells.len(),
+            2 * 2 * kind.heads(common::kinds::Geometry { n_layers: 3, n_heads: 4 })
+        );
+        for (cell, v) in table.computed() {
+            assert!([e - 1, t_len - 1].contains(&cell.token) && cell.layer >= 1, "{kind} {cell:?}");
+            let whole = full.scores[kind].get(cell);
+            assert!((v - whole).abs() <= TOLERANCE, "{kind} {cell:?}: {v} vs {whole}");
+        }
+    }
+}
+
+/// SmolLM2 on real facts, every kind, Gaussian and uniform noise: the naive path on a sample
+/// of cells in every region of the table (the full naive trace takes minutes per fact).
 #[test]
 fn fast_equals_naive_on_smollm2() {
     let loaded = smollm2();
@@ -158,19 +234,23 @@ fn fast_equals_naive_on_smollm2() {
         },
     ];
     let n_layers = loaded.model.dims().n_layers;
+    let opts = TraceOptions::default();
     for (i, fact) in facts.iter().enumerate() {
-        let mut cfg = config(
-            0.15,
-            if i == 0 { Distribution::Normal } else { Distribution::Uniform },
-            false,
-            SeedMode::Rome,
-        );
-        cfg.samples = 3;
-        cfg.window = 10;
-        let fast = trace_fact(&loaded.model, tok, fact, &cfg, Path::Fast).expect("fast");
+        // ROME's notebook adds Gaussian noise only: the severed kinds run per-fact with
+        // uniform noise.
+        let (distribution, mode) = if i == 0 {
+            (Distribution::Normal, SeedMode::Rome)
+        } else {
+            (Distribution::Uniform, SeedMode::PerFact)
+        };
+        let mut exp = experiment(&Kind::ALL, 0.15, distribution, false, mode);
+        let Corruption::Noise(n) = &mut exp.experiment.corruption;
+        n.samples = 3;
+        exp.experiment.window = 10;
+        let fast = trace_fact(&loaded.model, tok, fact, &exp, &opts, Path::Fast).expect("fast");
         let t_len = fast.tokens.len();
         let (b, e) = fast.subject_range;
-        let mut cells: Vec<(usize, usize)> = [
+        let mut cells: Vec<(usize, usize)> = vec![
             (0, 0),
             (b, 0),
             (e - 1, 3),
@@ -179,14 +259,30 @@ fn fast_equals_naive_on_smollm2() {
             (t_len - 1, 0),
             (t_len - 1, n_layers - 1),
             (t_len - 2, n_layers - 1),
-        ]
-        .into_iter()
-        .collect();
+        ];
         cells.sort_unstable();
         cells.dedup();
-        let naive = naive::trace(&loaded.model, tok, fact, &cfg, Some(&cells)).expect("naive");
-        let n = assert_same(fact.prompt, &naive, &fast);
-        assert_eq!(n, cells.len() * 3);
+        let without_heads: Vec<Kind> = Kind::ALL.into_iter().filter(|k| !k.has_heads()).collect();
+        exp.experiment.kinds = without_heads;
+        let naive =
+            naive::trace(&loaded.model, tok, fact, &exp, &opts, Some(&cells)).expect("naive");
+        let n = assert_same(fact.prompt, &naive, &fast_without_heads(&fast));
+        assert_eq!(n, cells.len() * 5);
+        // Heads: three cells, every head (a naive run per head).
+        exp.experiment.kinds = vec![Kind::Head];
+        let head_cells = [(e - 1, 3), (t_len - 1, n_layers - 2), (t_len - 2, n_layers - 1)];
+        let naive =
+            naive::trace(&loaded.model, tok, fact, &exp, &opts, Some(&head_cells)).expect("naive");
+        let mut heads_only = fast.clone();
+        heads_only.scores.retain(|k, _| *k == Kind::Head);
+        let n = assert_same(fact.prompt, &naive, &heads_only);
+        assert_eq!(n, 3 * loaded.model.dims().n_heads);
         assert_eq!(fast.correct, Some(true), "{}", fact.prompt);
     }
+}
+
+fn fast_without_heads(fast: &FactTrace) -> FactTrace {
+    let mut t = fast.clone();
+    t.scores.retain(|k, _| !k.has_heads());
+    t
 }

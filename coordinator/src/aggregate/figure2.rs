@@ -1,0 +1,218 @@
+//! The paper's Figure 2 for every kind with token × layer axes: `summary.parquet`/`.csv`
+//! (kind, category, layer, aie, mean, std, n), `headline.csv`/`.json` (ATE and the best AIEs),
+//! one heatmap per kind in the kind's style and the line plot with 95% bands.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use common::kinds::Kind;
+use common::lineplot::{CATEGORY_COLORS, Line, Panel, write_panels};
+use common::plot::Heatmap;
+use common::rollup::{CATEGORIES, CATEGORY_LABELS, Rollup, rollup};
+use common::summaries::{SummaryRow, summary_batch};
+use common::tables::write_parquet;
+
+use super::read::{FactFilter, SweepTables};
+
+/// ROME's rollup of each token × layer kind over the facts `filter` keeps.
+pub fn rollups(sweep: &SweepTables, filter: FactFilter) -> BTreeMap<Kind, Rollup> {
+    sweep
+        .tables
+        .keys()
+        .filter(|k| !k.has_heads())
+        .filter_map(|&kind| {
+            let facts = sweep.complete(kind, filter);
+            rollup(&facts, sweep.geometry.n_layers).map(|r| (kind, r))
+        })
+        .collect()
+}
+
+fn fill(template: &str, sweep: &SweepTables) -> String {
+    template.replace("{window}", &sweep.window.to_string()).replace("{model}", &sweep.model)
+}
+
+fn summary_rows(rollups: &BTreeMap<Kind, Rollup>) -> Vec<SummaryRow> {
+    rollups
+        .iter()
+        .flat_map(|(&kind, r)| {
+            r.cells.iter().map(move |c| SummaryRow {
+                kind,
+                category: CATEGORIES[c.category],
+                layer: c.layer as u32,
+                aie: c.aie,
+                mean: c.mean,
+                std: c.std,
+                n: c.n as u64,
+            })
+        })
+        .collect()
+}
+
+/// Writes the tables and figures; returns the files written.
+pub fn write(
+    sweep: &SweepTables,
+    rollups: &BTreeMap<Kind, Rollup>,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    let rows = summary_rows(rollups);
+    let parquet = out.join("summary.parquet");
+    std::fs::write(&parquet, write_parquet(&summary_batch(&rows)?, "summary")?)?;
+    written.push(parquet);
+    let mut csv = String::from("kind,category,layer,aie,mean,std,n\n");
+    for r in &rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{}\n",
+            r.kind, r.category, r.layer, r.aie, r.mean, r.std, r.n
+        ));
+    }
+    let path = out.join("summary.csv");
+    std::fs::write(&path, csv)?;
+    written.push(path);
+
+    let mut headline_csv = String::from(
+        "kind,facts,high_score,low_score,ate,best_aie_last_subject,best_layer_last_subject,best_aie_last_token,best_layer_last_token\n",
+    );
+    let mut headline_json = serde_json::Map::new();
+    for (kind, r) in rollups {
+        let h = &r.headline;
+        headline_csv.push_str(&format!(
+            "{kind},{},{},{},{},{},{},{},{}\n",
+            h.facts,
+            h.high_score,
+            h.low_score,
+            h.ate,
+            h.best_last_subject.0,
+            h.best_last_subject.1,
+            h.best_last_token.0,
+            h.best_last_token.1
+        ));
+        headline_json.insert(
+            kind.name().into(),
+            serde_json::json!({
+                "facts": h.facts, "high_score": h.high_score, "low_score": h.low_score, "ate": h.ate,
+                "best_aie_last_subject": h.best_last_subject.0, "best_layer_last_subject": h.best_last_subject.1,
+                "best_aie_last_token": h.best_last_token.0, "best_layer_last_token": h.best_last_token.1,
+            }),
+        );
+    }
+    for (name, text) in [
+        ("headline.csv", headline_csv),
+        ("headline.json", serde_json::to_string_pretty(&headline_json)?),
+    ] {
+        std::fs::write(out.join(name), text)?;
+        written.push(out.join(name));
+    }
+    written.extend(heatmaps(sweep, rollups, out)?);
+    written.extend(lines(sweep, rollups, out)?);
+    Ok(written)
+}
+
+/// AIE clipped at 0 (NaN, a category no fact has, as 0), every kind on the hidden map's
+/// scale at least (as the notebook).
+fn heatmaps(
+    sweep: &SweepTables,
+    rollups: &BTreeMap<Kind, Rollup>,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let clipped = |r: &Rollup| -> Vec<Vec<f64>> {
+        (0..CATEGORIES.len())
+            .map(|c| {
+                (0..r.n_layers)
+                    .map(|l| r.cell(c, l).aie.max(0.0))
+                    .map(|v| if v.is_nan() { 0.0 } else { v })
+                    .collect()
+            })
+            .collect()
+    };
+    let top = |r: &Rollup| clipped(r).into_iter().flatten().fold(0f64, f64::max);
+    let vmax = rollups.get(&Kind::Hidden).or_else(|| rollups.values().next()).map_or(1.0, top);
+    let mut written = Vec::new();
+    for (&kind, r) in rollups {
+        let style = kind.style();
+        let map = Heatmap {
+            title: format!(
+                "Avg Indirect Effect of {} over {} prompts",
+                style.what, r.headline.facts
+            ),
+            row_labels: CATEGORY_LABELS.iter().map(ToString::to_string).collect(),
+            x_label: fill(style.x_label, sweep),
+            x_tick_every: 5,
+            values: clipped(r),
+            vmin: 0.0,
+            vmax: if kind == Kind::Hidden { vmax } else { vmax.max(top(r)) },
+            palette: style.palette,
+            bar_label: "AIE".into(),
+        };
+        written.extend(map.write(&out.join(format!("rollup_{kind}")))?);
+    }
+    Ok(written)
+}
+
+fn lines(
+    sweep: &SweepTables,
+    rollups: &BTreeMap<Kind, Rollup>,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let panels: Vec<Panel> = rollups
+        .iter()
+        .map(|(&kind, r)| Panel {
+            title: fill(kind.style().panel, sweep),
+            x_label: format!("layer within {}", sweep.model),
+            lines: (0..CATEGORIES.len())
+                .map(|c| Line {
+                    label: CATEGORY_LABELS[c].into(),
+                    color: CATEGORY_COLORS[c],
+                    values: (0..r.n_layers).map(|l| r.cell(c, l).aie).collect(),
+                    // 95% band: 1.96 sd / sqrt(n) (docs/science.md), n the rows averaged.
+                    half_width: (0..r.n_layers)
+                        .map(|l| {
+                            let cell = r.cell(c, l);
+                            1.96 * cell.std / (cell.n as f64).sqrt()
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(write_panels(&panels, "Average indirect effect on p(o)", &out.join("lines"))?)
+}
+
+/// The headline and the AIE table of every kind, as text.
+pub fn print(
+    sweep: &SweepTables,
+    rollups: &BTreeMap<Kind, Rollup>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    // Every layer when they fit in a line, else every other one.
+    let step = if sweep.geometry.n_layers <= 32 { 1 } else { 2 };
+    for (kind, r) in rollups {
+        let h = &r.headline;
+        writeln!(
+            out,
+            "\n{kind}: {} facts, ATE {:.4} (high {:.4}, low {:.4}); best AIE at the last subject token {:.4} (layer {}), at the last token {:.4} (layer {})",
+            h.facts,
+            h.ate,
+            h.high_score,
+            h.low_score,
+            h.best_last_subject.0,
+            h.best_last_subject.1,
+            h.best_last_token.0,
+            h.best_last_token.1
+        )?;
+        let header: String = (0..r.n_layers).step_by(step).map(|l| format!("{l:>4}")).collect();
+        writeln!(out, "{:>24}{header}   (AIE × 100 by layer)", "")?;
+        for (c, label) in CATEGORY_LABELS.iter().enumerate() {
+            let cells: String = (0..r.n_layers)
+                .step_by(step)
+                .map(|l| {
+                    let v = r.cell(c, l).aie;
+                    if v.is_finite() { format!("{:>4.0}", v * 100.0) } else { "   -".into() }
+                })
+                .collect();
+            writeln!(out, "{label:>24}{cells}")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! A sweep's tables read back and grouped per kind and fact, each fact's table shaped by its
+//! kind's axes: a row per token of the cells along the other axes (L, or L × H), empty for
+//! tokens the experiment's selector did not trace.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Context, bail};
+use common::kinds::{Geometry, Kind};
+use common::rollup::FactTable;
+use common::storage::Location;
+use common::tables::{FactSummary, read_facts, read_traces};
+
+/// Which facts the averages take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FactFilter {
+    /// Traced facts the model predicts (ROME's Figure 2: "only consider cases where the model
+    /// begins with the correct prediction").
+    Correct,
+    /// Every traced fact (ROME's Figure 3 notebook averages all of `knowns[:1000]`, with
+    /// `--correctness none`).
+    All,
+}
+
+impl FactFilter {
+    /// Whether `fact` is averaged.
+    pub fn keeps(self, fact: &FactSummary) -> bool {
+        fact.traced
+            && match self {
+                FactFilter::Correct => fact.correct != Some(false),
+                FactFilter::All => true,
+            }
+    }
+}
+
+/// A sweep's tables, read and grouped.
+pub struct SweepTables {
+    /// Fact rows.
+    pub facts: Vec<FactSummary>,
+    /// Per kind, per fact: T rows of the token's cells (empty when not traced).
+    pub tables: BTreeMap<Kind, HashMap<u64, Vec<Vec<f64>>>>,
+    /// The model's layers and heads.
+    pub geometry: Geometry,
+    /// The model's name, from the manifest when there is one.
+    pub model: String,
+    /// The windowed kinds' window.
+    pub window: u32,
+}
+
+async fn read_table<T>(
+    at: &Location,
+    table: &str,
+    read: impl Fn(&bytes::Bytes) -> common::Result<Vec<T>>,
+) -> anyhow::Result<Vec<T>> {
+    let mut rows = Vec::new();
+    for (name, _) in at.list(table).await? {
+        if name.ends_with(".parquet") {
+            rows.extend(read(&at.read_child(&name).await?).with_context(|| name.clone())?);
+        }
+    }
+    Ok(rows)
+}
+
+/// Reads `facts/` and `traces/` of a sweep folder.
+pub async fn read_sweep(at: &Location) -> anyhow::Result<SweepTables> {
+    let manifest: Option<serde_json::Value> = match at.read_child("manifest.json").await {
+        Ok(bytes) => serde_json::from_slice(&bytes).ok(),
+        Err(_) => None,
+    };
+    let schema = manifest.as_ref().map(|m| m["settings"]["schema"].as_u64().unwrap_or(1));
+    if let Some(found) = schema.filter(|&s| s != u64::from(common::sweep::SCHEMA)) {
+        bail!(
+            "{} holds a sweep of table schema {found}; this coordinator reads schema {}: \
+             aggregate it with the version that wrote it",
+            at.display,
+            common::sweep::SCHEMA
+        );
+    }
+    let facts = read_table(at, "facts", read_facts).await?;
+    if facts.is_empty() {
+        bail!("{} has no facts/*.parquet: is it a sweep folder (<out>/<sweep-id>)?", at.display);
+    }
+    let rows = read_table(at, "traces", read_traces).await?;
+    let n_layers = facts.iter().map(|f| f.n_layers as usize).max().unwrap_or(0);
+    let n_heads = facts.iter().map(|f| f.n_heads as usize).max().unwrap_or(0);
+    let geometry = Geometry { n_layers, n_heads };
+    let model = manifest.as_ref().and_then(|m| m["model"].as_str()).map_or_else(
+        || "the model".to_string(),
+        |m| {
+            let last = m.trim_end_matches('/').rsplit('/').next().unwrap_or(m);
+            last.strip_suffix(".gguf").unwrap_or(last).to_string()
+        },
+    );
+    let window = manifest
+        .as_ref()
+        .and_then(|m| m["settings"]["experiment"]["window"].as_u64())
+        .map_or(10, |w| w as u32);
+    let t_len: HashMap<u64, usize> = facts.iter().map(|f| (f.known_id, f.n_tokens)).collect();
+    let mut tables: BTreeMap<Kind, HashMap<u64, Vec<Vec<f64>>>> = BTreeMap::new();
+    for r in rows {
+        let Some(&t) = t_len.get(&r.known_id) else { continue };
+        let heads = r.kind.heads(geometry);
+        let head = r.head.unwrap_or(0) as usize;
+        if r.token as usize >= t || r.layer as usize >= n_layers || head >= heads {
+            bail!("traces row {r:?} lies outside its fact's {t} tokens × {geometry:?}");
+        }
+        let table = tables
+            .entry(r.kind)
+            .or_default()
+            .entry(r.known_id)
+            .or_insert_with(|| vec![Vec::new(); t]);
+        let row = &mut table[r.token as usize];
+        if row.is_empty() {
+            *row = vec![f64::NAN; n_layers * heads];
+        }
+        row[r.layer as usize * heads + head] = f64::from(r.score);
+    }
+    Ok(SweepTables { facts, tables, geometry, model, window })
+}
+
+impl SweepTables {
+    /// The table of `kind` for `fact` when every traced token has every cell: a fact with
+    /// a job given up has holes, and is left out rather than bias a cell.
+    pub fn fact_table(&self, kind: Kind, fact: &FactSummary) -> Option<FactTable<'_>> {
+        let scores = self.tables.get(&kind)?.get(&fact.known_id)?;
+        let width = kind.cells_per_token(self.geometry);
+        let full = fact.traced_tokens.iter().all(|&t| {
+            scores.get(t).is_some_and(|row| row.len() == width && !row.iter().any(|v| v.is_nan()))
+        });
+        full.then(|| FactTable {
+            subject: fact.subject,
+            high_score: f64::from(fact.high_score),
+            low_score: f64::from(fact.low_score),
+            scores,
+        })
+    }
+
+    /// The complete tables of `kind` of the facts `filter` keeps.
+    pub fn complete(&self, kind: Kind, filter: FactFilter) -> Vec<FactTable<'_>> {
+        self.facts
+            .iter()
+            .filter(|f| filter.keeps(f))
+            .filter_map(|f| self.fact_table(kind, f))
+            .collect()
+    }
+
+    /// The complete tables of `kind` of the facts `ids`.
+    pub fn tables_of(&self, kind: Kind, ids: &[u64]) -> Vec<FactTable<'_>> {
+        self.facts
+            .iter()
+            .filter(|f| ids.contains(&f.known_id))
+            .filter_map(|f| self.fact_table(kind, f))
+            .collect()
+    }
+
+    /// Facts the filter keeps.
+    pub fn kept(&self, filter: FactFilter) -> usize {
+        self.facts.iter().filter(|f| filter.keeps(f)).count()
+    }
+}
