@@ -3,10 +3,15 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Logs to stderr (`RUST_LOG`, default `warn`), as JSON lines when `json` is set.
+/// Logs to stderr (`RUST_LOG`, default `warn`), as JSON lines when `json` is set. Colours
+/// only on a terminal: a log file or `kubectl logs` gets plain text.
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {

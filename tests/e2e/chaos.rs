@@ -122,7 +122,11 @@ enum Slot {
 #[derive(Default, Debug)]
 struct Injected {
     worker_kills: u64,
+    /// Of the kills, those that caught the worker computing a job (its log says so).
+    kills_mid_job: u64,
     worker_hangs: u64,
+    /// Of the hangs, those that froze a job in flight.
+    hangs_mid_job: u64,
     coordinator_kills: u64,
     coordinator_terms: u64,
     cuts: u64,
@@ -215,6 +219,8 @@ fn a_thousand_faults_and_every_row_exactly_once() {
             if let Slot::Running(proc) = &mut slots[i] {
                 proc.kill();
                 injected.worker_kills += 1;
+                injected.kills_mid_job +=
+                    u64::from(!e2e::jobs_in_flight(&proc.stderr()).is_empty());
                 spawned += 1;
                 slots[i] = Slot::Running(chaos_worker(proxy_port, dir, spawned));
             }
@@ -226,6 +232,8 @@ fn a_thousand_faults_and_every_row_exactly_once() {
                 Slot::Running(proc) => {
                     signal(&proc, "-STOP");
                     injected.worker_hangs += 1;
+                    let in_flight = !e2e::jobs_in_flight(&proc.stderr()).is_empty();
+                    injected.hangs_mid_job += u64::from(in_flight);
                     Slot::Hung(proc, after(&mut rng, LEASE + 0.5, LEASE + 1.5))
                 }
                 other => other,
@@ -305,7 +313,8 @@ fn a_thousand_faults_and_every_row_exactly_once() {
     }
 
     println!(
-        "fault-injection run: {} faults in {:.0} s: {} worker kills, {} worker hangs, \
+        "fault-injection run: {} faults in {:.0} s: {} worker kills ({} mid-job), {} worker \
+         hangs ({} mid-job), \
          {} coordinator kills (SIGKILL) and {} stops (SIGTERM), {} dropped connections, \
          {} store errors ({lost_replies} after the write landed); {resumes} resumes; \
          {} jobs ({} given up, as without faults), {} retries in the last run; {rows} trace \
@@ -313,7 +322,9 @@ fn a_thousand_faults_and_every_row_exactly_once() {
         injected.total(),
         elapsed.as_secs_f64(),
         injected.worker_kills,
+        injected.kills_mid_job,
         injected.worker_hangs,
+        injected.hangs_mid_job,
         injected.coordinator_kills,
         injected.coordinator_terms,
         injected.cuts,
@@ -329,7 +340,9 @@ fn a_thousand_faults_and_every_row_exactly_once() {
     );
     for (class, n) in [
         ("worker kills", injected.worker_kills),
+        ("worker kills with a job in flight", injected.kills_mid_job),
         ("worker hangs", injected.worker_hangs),
+        ("worker hangs with a job in flight", injected.hangs_mid_job),
         ("coordinator restarts", injected.coordinator_kills + injected.coordinator_terms),
         ("dropped connections", injected.cuts),
         ("store errors", injected.store),

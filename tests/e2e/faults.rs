@@ -37,11 +37,15 @@ fn a_worker_killed_mid_job_costs_a_retry_not_a_row() {
     );
     let mut a = worker(port, tmp.path(), "a", 400);
     let mut b = worker(port, tmp.path(), "b", 400);
-    // Both workers hold a job (each takes ≥ 400 ms): kill one of them now.
-    wait_until(Duration::from_secs(60), "two jobs in flight", || {
-        status(port).is_some_and(|s| s["jobs_leased"] == 2 && s["jobs_done"].as_u64() >= Some(2))
+    // Both workers have done some jobs and a has just started one (each takes ≥ 400 ms):
+    // kill it now, with that job in flight.
+    wait_until(Duration::from_secs(60), "a job of a's in flight", || {
+        status(port).is_some_and(|s| s["jobs_done"].as_u64() >= Some(2))
+            && e2e::jobs_in_flight(&a.stderr()).len() == 1
     });
     a.kill();
+    let caught = e2e::jobs_in_flight(&a.stderr());
+    assert_eq!(caught.len(), 1, "a was computing a job when it died: {caught:?}");
 
     assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.stderr());
     assert!(b.wait(Duration::from_secs(30)).success(), "worker b: {}", b.stderr());
@@ -49,6 +53,8 @@ fn a_worker_killed_mid_job_costs_a_retry_not_a_row() {
     let m = manifest(&dir);
     assert_eq!(m["state"], "finished");
     assert!(m["jobs"]["retries"].as_u64() >= Some(1), "the killed worker's job was retried: {m}");
+    let done_by_b = b.stderr().lines().any(|l| l.contains("handed in") && l.contains(&caught[0]));
+    assert!(done_by_b, "b computed {} after a died with it", caught[0]);
     assert_eq!(m["jobs"]["failed"], 0);
     let tables = read_tables(&dir);
     assert_eq!(tables.facts.len(), 30);
@@ -121,7 +127,10 @@ fn sigterm_finishes_or_releases_the_job_in_hand() {
 
     // A job that fits in the grace period is finished and handed in.
     let mut a = worker_with_grace(port, tmp.path(), "a", 1500, "10");
-    wait_until(Duration::from_secs(60), "a's job in flight", leased(1));
+    wait_until(Duration::from_secs(60), "a's job in flight", || {
+        leased(1)() && e2e::jobs_in_flight(&a.stderr()).len() == 1
+    });
+    let in_hand = e2e::jobs_in_flight(&a.stderr());
     let done_before = status(port).map_or(0, |s| s["jobs_done"].as_u64().unwrap_or(0));
     sigterm(&a);
     assert!(a.wait(Duration::from_secs(20)).success(), "worker a: {}", a.stderr());
@@ -130,15 +139,20 @@ fn sigterm_finishes_or_releases_the_job_in_hand() {
     let after = status(port).expect("status after a left");
     let done_after = after["jobs_done"].as_u64().unwrap_or(0);
     assert!(done_after > done_before, "a handed in its job before leaving: {after}");
+    let handed_in = a.stderr().lines().any(|l| l.contains("handed in") && l.contains(&in_hand[0]));
+    assert!(handed_in, "a finished {} after the signal: {}", in_hand[0], a.stderr());
     assert_eq!(after["jobs_leased"], 0, "a left no lease to expire: {after}");
 
     // One that does not is released at once, without counting as a failure.
     let mut b = worker_with_grace(port, tmp.path(), "b", 60_000, "0.2");
-    wait_until(Duration::from_secs(60), "b's job in flight", leased(1));
+    wait_until(Duration::from_secs(60), "b's job in flight", || {
+        leased(1)() && e2e::jobs_in_flight(&b.stderr()).len() == 1
+    });
     let stopped = std::time::Instant::now();
     sigterm(&b);
     assert!(b.wait(Duration::from_secs(20)).success(), "worker b: {}", b.stderr());
     assert!(stopped.elapsed() < Duration::from_secs(5), "b left without waiting for its job");
+    assert!(b.stderr().contains("released"), "b gave its job in flight back: {}", b.stderr());
     wait_until(Duration::from_secs(10), "b's job back in the queue", leased(0));
 
     let mut c = worker(port, tmp.path(), "c", 0);

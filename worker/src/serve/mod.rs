@@ -174,6 +174,11 @@ pub async fn serve(loaded: Arc<LoadedModel>, opts: ServeOptions) -> anyhow::Resu
                                 );
                                 continue 'session;
                             }
+                            tracing::info!(
+                                job = finished.job_id,
+                                seconds = finished.seconds,
+                                "handed in"
+                            );
                         }
                         JobOutcome::Failed(e) => {
                             tracing::warn!(
@@ -195,6 +200,7 @@ pub async fn serve(loaded: Arc<LoadedModel>, opts: ServeOptions) -> anyhow::Resu
                             let _ = session.client.fail(request).await;
                         }
                         JobOutcome::Released => {
+                            tracing::info!(job = job.job_id, "released: shutting down");
                             let request = proto::FailRequest {
                                 worker_id: session.worker_id.clone(),
                                 job_id: job.job_id.clone(),
@@ -321,9 +327,15 @@ async fn run_job(
     };
     let started = Instant::now();
     let model = loaded.clone();
-    let max_batch_tokens = opts.max_batch_tokens;
-    let mut task =
-        tokio::task::spawn_blocking(move || job::compute(&model, &work, max_batch_tokens));
+    let (max_batch_tokens, delay) = (opts.max_batch_tokens, opts.job_delay);
+    // The fault-injection tests read this line to know a job is in flight.
+    tracing::info!(job = job.job_id, lease = job.lease_id, "computing");
+    let mut task = tokio::task::spawn_blocking(move || {
+        // Holding the job (tests only) keeps it in flight long enough to kill a process
+        // while it is; heartbeats go on meanwhile, as for a slow job.
+        std::thread::sleep(delay);
+        job::compute(&model, &work, max_batch_tokens)
+    });
     let mut beat = tokio::time::interval(session.heartbeat);
     beat.tick().await;
     let mut grace_deadline: Option<tokio::time::Instant> = None;
