@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::plot::{Figure, write_figure};
 
 /// One series of bars: a label, its colour, and a value per layer (NaN: no bar).
 #[derive(Debug, Clone)]
@@ -40,22 +41,14 @@ pub const FIGURE3_COLORS: [RGBColor; 3] =
 impl BarChart {
     /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
     pub fn write(&self, stem: &Path) -> Result<Vec<PathBuf>> {
+        write_figure(self, stem)
+    }
+}
+
+impl Figure for BarChart {
+    fn size(&self) -> (u32, u32) {
         let groups = self.series.iter().map(|s| s.values.len()).max().unwrap_or(0);
-        let size = ((18 * groups as u32).max(480) + 160, 420);
-        let png = stem.with_extension("png");
-        let svg = stem.with_extension("svg");
-        let err = |p: &Path, e: String| Error::Plot { path: p.display().to_string(), message: e };
-        {
-            let root = BitMapBackend::new(&png, size).into_drawing_area();
-            self.draw(&root).map_err(|e| err(&png, e))?;
-            root.present().map_err(|e| err(&png, e.to_string()))?;
-        }
-        {
-            let root = SVGBackend::new(&svg, size).into_drawing_area();
-            self.draw(&root).map_err(|e| err(&svg, e))?;
-            root.present().map_err(|e| err(&svg, e.to_string()))?;
-        }
-        Ok(vec![png, svg])
+        ((18 * groups as u32).max(480) + 160, 420)
     }
 
     fn draw<DB: DrawingBackend>(

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::plot::{Figure, write_figure};
 
 /// One line: a label, its colour, and per layer the value and the band's half-width.
 #[derive(Debug, Clone)]
@@ -46,21 +47,26 @@ pub const CATEGORY_COLORS: [RGBColor; 6] = [
 /// Writes `<stem>.png` and `<stem>.svg` with the panels side by side and a shared y axis
 /// labelled `y_label`; returns their paths.
 pub fn write_panels(panels: &[Panel], y_label: &str, stem: &Path) -> Result<Vec<PathBuf>> {
-    let size = (480 * panels.len().max(1) as u32, 420);
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    let err = |p: &Path, e: String| Error::Plot { path: p.display().to_string(), message: e };
-    {
-        let root = BitMapBackend::new(&png, size).into_drawing_area();
-        draw(&root, panels, y_label).map_err(|e| err(&png, e))?;
-        root.present().map_err(|e| err(&png, e.to_string()))?;
+    write_figure(&Panels { panels, y_label }, stem)
+}
+
+/// Panels side by side with a shared y axis.
+struct Panels<'a> {
+    panels: &'a [Panel],
+    y_label: &'a str,
+}
+
+impl Figure for Panels<'_> {
+    fn size(&self) -> (u32, u32) {
+        (480 * self.panels.len().max(1) as u32, 420)
     }
-    {
-        let root = SVGBackend::new(&svg, size).into_drawing_area();
-        draw(&root, panels, y_label).map_err(|e| err(&svg, e))?;
-        root.present().map_err(|e| err(&svg, e.to_string()))?;
+
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        draw(root, self.panels, self.y_label)
     }
-    Ok(vec![png, svg])
 }
 
 fn draw<DB: DrawingBackend>(

@@ -71,28 +71,46 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Plot { path: path.display().to_string(), message: e.to_string() }
 }
 
+/// A figure drawn the same way on any plotters backend: written as PNG and SVG.
+pub(crate) trait Figure {
+    /// Width and height in pixels.
+    fn size(&self) -> (u32, u32);
+    /// Draws the figure onto `root`.
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String>;
+}
+
+/// Writes `<stem>.png` and `<stem>.svg` of `figure`; returns their paths.
+pub(crate) fn write_figure(figure: &impl Figure, stem: &Path) -> Result<Vec<PathBuf>> {
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    let size = figure.size();
+    {
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        figure.draw(&root).map_err(|e| plot_err(&png, e))?;
+        root.present().map_err(|e| plot_err(&png, e))?;
+    }
+    {
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        figure.draw(&root).map_err(|e| plot_err(&svg, e))?;
+        root.present().map_err(|e| plot_err(&svg, e))?;
+    }
+    Ok(vec![png, svg])
+}
+
 impl Heatmap {
+    /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
+    pub fn write(&self, stem: &Path) -> Result<Vec<PathBuf>> {
+        write_figure(self, stem)
+    }
+}
+
+impl Figure for Heatmap {
     fn size(&self) -> (u32, u32) {
         let rows = self.row_labels.len() as u32;
         (960, 130 + 26 * rows.max(4))
-    }
-
-    /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
-    pub fn write(&self, stem: &Path) -> Result<Vec<PathBuf>> {
-        let png = stem.with_extension("png");
-        let svg = stem.with_extension("svg");
-        let size = self.size();
-        {
-            let root = BitMapBackend::new(&png, size).into_drawing_area();
-            self.draw(&root).map_err(|e| plot_err(&png, e))?;
-            root.present().map_err(|e| plot_err(&png, e))?;
-        }
-        {
-            let root = SVGBackend::new(&svg, size).into_drawing_area();
-            self.draw(&root).map_err(|e| plot_err(&svg, e))?;
-            root.present().map_err(|e| plot_err(&svg, e))?;
-        }
-        Ok(vec![png, svg])
     }
 
     fn draw<DB: DrawingBackend>(

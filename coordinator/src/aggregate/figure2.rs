@@ -55,11 +55,7 @@ pub fn write(
     rollups: &BTreeMap<Kind, Rollup>,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let mut written = Vec::new();
     let rows = summary_rows(rollups);
-    let parquet = out.join("summary.parquet");
-    std::fs::write(&parquet, write_parquet(&summary_batch(&rows)?, "summary")?)?;
-    written.push(parquet);
     let mut csv = String::from("kind,category,layer,aie,mean,std,n\n");
     for r in &rows {
         csv.push_str(&format!(
@@ -67,9 +63,8 @@ pub fn write(
             r.kind, r.category, r.layer, r.aie, r.mean, r.std, r.n
         ));
     }
-    let path = out.join("summary.csv");
-    std::fs::write(&path, csv)?;
-    written.push(path);
+    let parquet = write_parquet(&summary_batch(&rows)?, "summary")?;
+    let mut written = super::write_table(out, "summary", parquet, csv)?;
 
     let mut headline_csv = String::from(
         "kind,facts,high_score,low_score,ate,best_aie_last_subject,best_layer_last_subject,best_aie_last_token,best_layer_last_token\n",

@@ -88,17 +88,13 @@ pub fn write(sweep: &SweepTables, fig: &Figure3, out: &Path) -> anyhow::Result<V
             })
         })
         .collect();
-    let mut written = Vec::new();
-    let parquet = out.join("figure3.parquet");
-    std::fs::write(&parquet, write_parquet(&figure3_batch(&rows)?, "figure3")?)?;
-    written.push(parquet);
     let mut csv = String::from("layer,kind,aie,mean,std,n\n");
     for r in &rows {
         let s = r.stats;
         csv.push_str(&format!("{},{},{},{},{},{}\n", r.layer, r.kind, s.aie, s.mean, s.std, s.n));
     }
-    std::fs::write(out.join("figure3.csv"), csv)?;
-    written.push(out.join("figure3.csv"));
+    let parquet = write_parquet(&figure3_batch(&rows)?, "figure3")?;
+    let mut written = super::write_table(out, "figure3", parquet, csv)?;
     let chart = BarChart {
         title: format!(
             "Causal effect of states at the early site with Attn or MLP modules severed ({} prompts)",

@@ -46,10 +46,6 @@ fn rows(sweep: &SweepTables, r: &Rollup) -> Vec<HeadRow> {
 /// Writes `heads.parquet`, `heads.csv` and the two maps; returns the files.
 pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let rows = rows(sweep, r);
-    let mut written = Vec::new();
-    let parquet = out.join("heads.parquet");
-    std::fs::write(&parquet, write_parquet(&heads_batch(&rows)?, "heads")?)?;
-    written.push(parquet);
     let mut csv = String::from("category,layer,head,aie,mean,std,n\n");
     for h in &rows {
         let s = h.stats;
@@ -58,8 +54,8 @@ pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<
             h.category, h.layer, h.head, s.aie, s.mean, s.std, s.n
         ));
     }
-    std::fs::write(out.join("heads.csv"), csv)?;
-    written.push(out.join("heads.csv"));
+    let parquet = write_parquet(&heads_batch(&rows)?, "heads")?;
+    let mut written = super::write_table(out, "heads", parquet, csv)?;
     let (n_layers, n_heads) = (sweep.geometry.n_layers, sweep.geometry.n_heads);
     let style = Kind::Head.style();
     for (category, label) in MAPS {

@@ -86,3 +86,16 @@ pub async fn aggregate(args: &AggregateArgs, stdout: &mut dyn Write) -> anyhow::
     }
     Ok(())
 }
+
+/// Writes a table twice, `<name>.parquet` (already encoded) and `<name>.csv`; returns both.
+pub(crate) fn write_table(
+    out: &Path,
+    name: &str,
+    parquet: bytes::Bytes,
+    csv: String,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let files = [out.join(format!("{name}.parquet")), out.join(format!("{name}.csv"))];
+    std::fs::write(&files[0], parquet)?;
+    std::fs::write(&files[1], csv)?;
+    Ok(files.to_vec())
+}

@@ -29,6 +29,17 @@ fn load() -> serde_json::Value {
     load_fixture("rome_traces.json")
 }
 
+/// A fixture's fact, with its attribute as the expected answer.
+fn input(fact: &serde_json::Value) -> FactInput<'_> {
+    let s = |k: &str| fact[k].as_str().expect(k);
+    FactInput {
+        known_id: fact["known_id"].as_u64().expect("id"),
+        prompt: s("prompt"),
+        subject: s("subject"),
+        expect: Some(s("attribute")),
+    }
+}
+
 /// ROME's settings at the fixture's noise level, for `kinds` over `tokens`.
 fn rome(
     f: &serde_json::Value,
@@ -65,13 +76,7 @@ fn traces_match_romes_code() {
     let opts = TraceOptions::default();
     let mut worst = 0f64;
     for fact in f["facts"].as_array().expect("facts") {
-        let s = |k: &str| fact[k].as_str().expect(k);
-        let input = FactInput {
-            known_id: fact["known_id"].as_u64().expect("id"),
-            prompt: s("prompt"),
-            subject: s("subject"),
-            expect: Some(s("attribute")),
-        };
+        let input = input(fact);
         let ours = trace_fact(&loaded.model, tok, &input, &exp, &opts, Path::Fast).expect("trace");
         let tokens: Vec<&str> = fact["tokens"]
             .as_array()
@@ -131,13 +136,7 @@ fn severed_traces_match_romes_notebook() {
     let opts = TraceOptions::default();
     let (mut worst, mut cells) = (0f64, 0);
     for fact in f["facts"].as_array().expect("facts") {
-        let s = |k: &str| fact[k].as_str().expect(k);
-        let input = FactInput {
-            known_id: fact["known_id"].as_u64().expect("id"),
-            prompt: s("prompt"),
-            subject: s("subject"),
-            expect: Some(s("attribute")),
-        };
+        let input = input(fact);
         let tokens = match fact["token_range"].as_str() {
             Some("last_subject") => Tokens(vec![TokenRole::LastSubject]),
             _ => Tokens::all(),
