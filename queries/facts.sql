@@ -20,9 +20,15 @@ CREATE OR REPLACE VIEW averaged AS
   GROUP BY ALL
   HAVING count(*) = len(any_value(f.traced_tokens)) * any_value(f.n_layers)
                     * CASE WHEN bool_or(t.head IS NOT NULL) THEN any_value(f.n_heads) ELSE 1 END;
+-- The token roles the experiment traced (`--tokens`), from the manifest.
+CREATE OR REPLACE VIEW asked AS
+  SELECT settings.experiment.tokens AS roles
+  FROM read_json(getvariable('results') || '/manifest.json');
 -- ROME's token categories (notebook average_causal_effects), overlapping as there: a
 -- one-token subject is its first and last token; when e = T-1 the last token is also the
--- first subsequent one; a subject ending the prompt has no first subsequent token.
+-- first subsequent one; a subject ending the prompt has no first subsequent token. Only the
+-- categories the selector asked for: a one-token subject's last subject token, traced alone,
+-- does not stand for the first subject tokens of all facts.
 CREATE OR REPLACE VIEW categorized AS
   SELECT a.kind, a.known_id, a.relation_id, t.layer, t.head, t.token, t.score, c.category,
          c.row_order
@@ -30,7 +36,9 @@ CREATE OR REPLACE VIEW categorized AS
   JOIN traces t ON t.known_id = a.known_id AND t.kind = a.kind
   JOIN (VALUES ('first_subject', 0), ('middle_subject', 1), ('last_subject', 2),
                ('first_subsequent', 3), ('further', 4), ('last', 5)) c(category, row_order)
-    ON CASE c.category
+    ON (SELECT list_contains(roles, 'all') OR list_contains(roles, replace(c.category, '_', '-'))
+        FROM asked)
+   AND CASE c.category
          WHEN 'first_subject' THEN t.token = a.b
          WHEN 'middle_subject' THEN t.token > a.b AND t.token < a.e - 1
          WHEN 'last_subject' THEN t.token = a.e - 1

@@ -11,6 +11,8 @@
 #                           with --features cuda, see deploy/docker/Dockerfile.worker-cuda)
 #   CT_FIGURE2_WORKERS=4    local workers (default: 2; several may share one GPU)
 #   CT_FIGURE2_OUT=DIR      where the sweep's tables go (default: the cache)
+#   CT_SWEEP_FLAGS="..."    more `coordinator run` flags (another experiment: scripts/figure3.sh)
+#   CT_AGGREGATE_FLAGS=".." more `coordinator aggregate` flags (e.g. --facts all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,8 @@ sweeps="${CT_FIGURE2_OUT:-${CT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/causal
 figures="${1:-docs/figure2}"
 limit=()
 [ -n "${CT_FIGURE2_FACTS:-}" ] && limit=(--limit "$CT_FIGURE2_FACTS")
+read -r -a sweep_flags <<< "${CT_SWEEP_FLAGS:-}"
+read -r -a aggregate_flags <<< "${CT_AGGREGATE_FLAGS:-}"
 features=()
 [ "$device" != cpu ] && features=(--features cuda)
 model=$(scripts/fetch-model.sh)
@@ -32,6 +36,6 @@ coordinator="$CARGO_TARGET_DIR/release/coordinator"
 # The sweep id is the settings' digest: the same command finds and resumes the same sweep.
 # Its summary (on stdout) starts with "sweep <id> ...".
 id=$("$coordinator" run --knowns "$knowns" --model "$model" --out "$sweeps" \
-  --local-workers "$workers" --worker-device "$device" "${limit[@]}" --flush-secs 60 \
-  | tee /dev/stderr | sed -n 's/^sweep \([^ ]*\) .*/\1/p' | head -1)
-"$coordinator" aggregate --results "$sweeps/$id" --out "$figures"
+  --local-workers "$workers" --worker-device "$device" "${limit[@]}" "${sweep_flags[@]}" \
+  --flush-secs 60 | tee /dev/stderr | sed -n 's/^sweep \([^ ]*\) .*/\1/p' | head -1)
+"$coordinator" aggregate --results "$sweeps/$id" --out "$figures" "${aggregate_flags[@]}"

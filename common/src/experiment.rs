@@ -112,6 +112,18 @@ impl Tokens {
         self.0.contains(&TokenRole::All)
     }
 
+    /// Which of the averages' categories (`rollup::CATEGORIES`, in that order) the selector
+    /// asks for: all six for `all`.
+    pub fn categories(&self) -> [bool; 6] {
+        let mut asked = [self.is_all(); 6];
+        for role in &self.0 {
+            if let Some(i) = role.category() {
+                asked[i] = true;
+            }
+        }
+        asked
+    }
+
     /// The traced tokens of a `t_len`-token prompt with subject `[b, e)`, ascending, each
     /// once. The roles overlap as ROME's categories do (a one-token subject's token is its
     /// first and last).
@@ -123,17 +135,8 @@ impl Tokens {
         let mut tokens: Vec<usize> = self
             .0
             .iter()
-            .flat_map(|role| {
-                let i = match role {
-                    TokenRole::All | TokenRole::FirstSubject => 0,
-                    TokenRole::MiddleSubject => 1,
-                    TokenRole::LastSubject => 2,
-                    TokenRole::FirstSubsequent => 3,
-                    TokenRole::Further => 4,
-                    TokenRole::Last => 5,
-                };
-                rows[i].iter().copied()
-            })
+            .filter_map(|role| role.category())
+            .flat_map(|i| rows[i].iter().copied())
             .filter(|&t| t < t_len)
             .collect();
         tokens.sort_unstable();
@@ -347,6 +350,21 @@ impl Resolved {
     }
 }
 
+impl TokenRole {
+    /// The category of `rollup::CATEGORIES` the role names (`None` for `all`).
+    pub fn category(self) -> Option<usize> {
+        match self {
+            TokenRole::All => None,
+            TokenRole::FirstSubject => Some(0),
+            TokenRole::MiddleSubject => Some(1),
+            TokenRole::LastSubject => Some(2),
+            TokenRole::FirstSubsequent => Some(3),
+            TokenRole::Further => Some(4),
+            TokenRole::Last => Some(5),
+        }
+    }
+}
+
 impl fmt::Display for TokenRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -416,6 +434,9 @@ mod tests {
         assert_eq!(one.select((2, 3), 3), vec![2]);
         assert!(Tokens(vec![TokenRole::FirstSubsequent]).select((2, 3), 3).is_empty());
         assert_eq!("last-subject".parse(), Ok(TokenRole::LastSubject));
+        let asked = Tokens(vec![TokenRole::LastSubject, TokenRole::Last]).categories();
+        assert_eq!(asked, [false, false, true, false, false, true]);
+        assert_eq!(Tokens::all().categories(), [true; 6]);
         assert!("subject".parse::<TokenRole>().is_err());
     }
 

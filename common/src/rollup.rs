@@ -111,6 +111,19 @@ impl Rollup {
 /// Averages `facts` (each T rows of the same `n_layers` cells; for a kind with a head axis
 /// call it with L × H "layers", one per (layer, head)). `None` when there is no fact.
 pub fn rollup(facts: &[FactTable<'_>], n_layers: usize) -> Option<Rollup> {
+    rollup_of(facts, n_layers, [true; 6])
+}
+
+/// [`rollup`] of the categories marked in `categories` (as [`CATEGORIES`] orders them); the
+/// others get no rows. A sweep that traced only some tokens averages only the categories
+/// its selector asked for: a category it did not ask for would otherwise average the few
+/// facts whose asked-for tokens happen to fall in it too (a one-token subject's last token
+/// is also its first).
+pub fn rollup_of(
+    facts: &[FactTable<'_>],
+    n_layers: usize,
+    categories: [bool; 6],
+) -> Option<Rollup> {
     if facts.is_empty() || n_layers == 0 {
         return None;
     }
@@ -119,7 +132,7 @@ pub fn rollup(facts: &[FactTable<'_>], n_layers: usize) -> Option<Rollup> {
     let mut sums = vec![(0usize, vec![0f64; n_layers], vec![0f64; n_layers]); CATEGORIES.len()];
     for fact in facts {
         let rows = category_rows(fact.subject, fact.scores.len());
-        for (c, tokens) in rows.iter().enumerate() {
+        for (c, tokens) in rows.iter().enumerate().filter(|(c, _)| categories[*c]) {
             for &t in tokens {
                 // A token the experiment did not trace has an empty row.
                 let Some(row) = fact.scores.get(t).filter(|r| !r.is_empty()) else { continue };
@@ -187,6 +200,23 @@ mod tests {
         assert_eq!(category_rows((0, 2), 3), [vec![0], vec![], vec![1], vec![2], vec![], vec![2]]);
         // The subject ends the prompt: no first subsequent, no further.
         assert_eq!(category_rows((1, 3), 3), [vec![1], vec![], vec![2], vec![], vec![], vec![2]]);
+    }
+
+    /// Untraced tokens (empty rows) add nothing, and a category the selector did not ask
+    /// for gets no rows even where an asked-for token falls in it too.
+    #[test]
+    fn selected_tokens_fill_only_their_categories() {
+        // T = 3, a one-token subject [0, 1): only the last subject token was traced.
+        let rows = vec![vec![0.5, 0.7], Vec::new(), Vec::new()];
+        let fact = FactTable { subject: (0, 1), high_score: 0.9, low_score: 0.1, scores: &rows };
+        let asked = [false, false, true, false, false, false];
+        let r = rollup_of(std::slice::from_ref(&fact), 2, asked).expect("rollup");
+        assert_eq!((r.cell(2, 1).n, r.cell(2, 1).mean), (1, 0.7));
+        assert_eq!(r.cell(0, 0).n, 0, "first subject not asked for");
+        assert_eq!(r.cell(5, 0).n, 0, "the last token was not traced");
+        let every = rollup(&[fact], 2).expect("rollup");
+        assert_eq!(every.cell(0, 0).n, 1, "the same token is the first subject token");
+        assert!(every.headline.best_last_token.0.is_nan());
     }
 
     #[test]

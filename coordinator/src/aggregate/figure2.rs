@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use common::kinds::Kind;
 use common::lineplot::{CATEGORY_COLORS, Line, Panel, write_panels};
 use common::plot::Heatmap;
-use common::rollup::{CATEGORIES, CATEGORY_LABELS, Rollup, rollup};
+use common::rollup::{CATEGORIES, CATEGORY_LABELS, Rollup, rollup_of};
 use common::summaries::{SummaryRow, summary_batch};
 use common::tables::write_parquet;
 
@@ -23,7 +23,7 @@ pub fn rollups(sweep: &SweepTables, filter: FactFilter) -> BTreeMap<Kind, Rollup
         .filter(|k| !k.has_heads())
         .filter_map(|&kind| {
             let facts = sweep.complete(kind, filter);
-            rollup(&facts, sweep.geometry.n_layers).map(|r| (kind, r))
+            rollup_of(&facts, sweep.geometry.n_layers, sweep.categories).map(|r| (kind, r))
         })
         .collect()
 }
@@ -184,17 +184,18 @@ pub fn print(
     let step = if sweep.geometry.n_layers <= 32 { 1 } else { 2 };
     for (kind, r) in rollups {
         let h = &r.headline;
+        let best = |(aie, layer): (f64, usize)| {
+            if aie.is_finite() { format!("{aie:.4} (layer {layer})") } else { "not traced".into() }
+        };
         writeln!(
             out,
-            "\n{kind}: {} facts, ATE {:.4} (high {:.4}, low {:.4}); best AIE at the last subject token {:.4} (layer {}), at the last token {:.4} (layer {})",
+            "\n{kind}: {} facts, ATE {:.4} (high {:.4}, low {:.4}); best AIE at the last subject token {}, at the last token {}",
             h.facts,
             h.ate,
             h.high_score,
             h.low_score,
-            h.best_last_subject.0,
-            h.best_last_subject.1,
-            h.best_last_token.0,
-            h.best_last_token.1
+            best(h.best_last_subject),
+            best(h.best_last_token),
         )?;
         let header: String = (0..r.n_layers).step_by(step).map(|l| format!("{l:>4}")).collect();
         writeln!(out, "{:>24}{header}   (AIE × 100 by layer)", "")?;

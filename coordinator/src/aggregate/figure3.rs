@@ -40,7 +40,7 @@ pub struct Figure3 {
 pub fn compute(sweep: &SweepTables, filter: FactFilter) -> Option<Figure3> {
     let kinds: Vec<Kind> =
         SERIES.iter().map(|&(k, _)| k).filter(|k| sweep.tables.contains_key(k)).collect();
-    if !kinds.contains(&Kind::Hidden) || kinds.len() < 2 {
+    if !kinds.contains(&Kind::Hidden) || kinds.len() < 2 || !sweep.categories[LAST_SUBJECT] {
         return None;
     }
     // The facts complete in every series, so that the bars compare the same facts.

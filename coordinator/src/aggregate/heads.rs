@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::kinds::Kind;
 use common::plot::Heatmap;
-use common::rollup::{CATEGORIES, Rollup, rollup};
+use common::rollup::{CATEGORIES, Rollup, rollup_of};
 use common::summaries::{HeadRow, Stats, heads_batch};
 use common::tables::write_parquet;
 
@@ -23,13 +23,19 @@ pub fn compute(sweep: &SweepTables, filter: FactFilter) -> Option<Rollup> {
         return None;
     }
     let facts = sweep.complete(Kind::Head, filter);
-    rollup(&facts, Kind::Head.cells_per_token(sweep.geometry))
+    rollup_of(&facts, Kind::Head.cells_per_token(sweep.geometry), sweep.categories)
+        .filter(|r| maps(r).next().is_some())
+}
+
+/// The maps whose token category has rows.
+fn maps(r: &Rollup) -> impl Iterator<Item = (usize, &'static str)> + '_ {
+    MAPS.into_iter().filter(|&(category, _)| r.cell(category, 0).n > 0)
 }
 
 fn rows(sweep: &SweepTables, r: &Rollup) -> Vec<HeadRow> {
     let heads = sweep.geometry.n_heads;
-    MAPS.iter()
-        .flat_map(|&(category, _)| {
+    maps(r)
+        .flat_map(|(category, _)| {
             (0..r.n_layers).map(move |column| {
                 let c = r.cell(category, column);
                 HeadRow {
@@ -58,7 +64,7 @@ pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<
     let mut written = super::write_table(out, "heads", parquet, csv)?;
     let (n_layers, n_heads) = (sweep.geometry.n_layers, sweep.geometry.n_heads);
     let style = Kind::Head.style();
-    for (category, label) in MAPS {
+    for (category, label) in maps(r) {
         let values: Vec<Vec<f64>> = (0..n_heads)
             .map(|h| {
                 (0..n_layers)
@@ -92,7 +98,7 @@ pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<
 pub fn print(sweep: &SweepTables, r: &Rollup, out: &mut dyn Write) -> anyhow::Result<()> {
     let heads = sweep.geometry.n_heads;
     writeln!(out, "\nhead: {} facts, the five strongest heads per token:", r.headline.facts)?;
-    for (category, label) in MAPS {
+    for (category, label) in maps(r) {
         let mut cells: Vec<(usize, f64)> = (0..r.n_layers)
             .map(|c| (c, r.cell(category, c).aie))
             .filter(|(_, v)| v.is_finite())

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, bail};
+use common::experiment::Tokens;
 use common::kinds::{Geometry, Kind};
 use common::rollup::FactTable;
 use common::storage::Location;
@@ -44,6 +45,8 @@ pub struct SweepTables {
     pub model: String,
     /// The windowed kinds' window.
     pub window: u32,
+    /// The token categories the experiment's selector traced (all six without a manifest).
+    pub categories: [bool; 6],
 }
 
 async fn read_table<T>(
@@ -94,6 +97,12 @@ pub async fn read_sweep(at: &Location) -> anyhow::Result<SweepTables> {
         .as_ref()
         .and_then(|m| m["settings"]["experiment"]["window"].as_u64())
         .map_or(10, |w| w as u32);
+    let categories = manifest
+        .as_ref()
+        .and_then(|m| {
+            serde_json::from_value::<Tokens>(m["settings"]["experiment"]["tokens"].clone()).ok()
+        })
+        .map_or([true; 6], |t| t.categories());
     let t_len: HashMap<u64, usize> = facts.iter().map(|f| (f.known_id, f.n_tokens)).collect();
     let mut tables: BTreeMap<Kind, HashMap<u64, Vec<Vec<f64>>>> = BTreeMap::new();
     for r in rows {
@@ -114,7 +123,7 @@ pub async fn read_sweep(at: &Location) -> anyhow::Result<SweepTables> {
         }
         row[r.layer as usize * heads + head] = f64::from(r.score);
     }
-    Ok(SweepTables { facts, tables, geometry, model, window })
+    Ok(SweepTables { facts, tables, geometry, model, window, categories })
 }
 
 impl SweepTables {

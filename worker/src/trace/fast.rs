@@ -143,9 +143,12 @@ pub fn trace(
         op: if exp.noise.replace { EmbedOp::Replace } else { EmbedOp::Add },
         values: noise.clone(),
     };
-    let frozen_sites: BTreeSet<Site> =
-        e.kinds.iter().flat_map(|k| k.frozen(n_layers)).map(capture_site).collect();
     let traced = outcome.traced;
+    // A fact that is not traced needs only its low_score.
+    let frozen_sites: BTreeSet<Site> = match traced {
+        true => e.kinds.iter().flat_map(|k| k.frozen(n_layers)).map(capture_site).collect(),
+        false => BTreeSet::new(),
+    };
     let (corrupted, frozen) =
         base_run(model, &ids_s, noised(&prep.noise), b, &frozen_sites, traced, answer_id)?;
     let low_score = corrupted.score;
