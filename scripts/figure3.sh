@@ -9,12 +9,15 @@
 # - The per-head maps: restoring each attention head at the last subject token and at the last
 #   token, over the facts the model predicts. About 90 minutes on 2 CPU cores.
 #
-#   scripts/figure3.sh [FIGURES_DIR]   (default: docs/figure3; the maps go to FIGURES_DIR/heads)
+#   scripts/figure3.sh [FIGURES_DIR]   (default: docs/figure3: every fact; FIGURES_DIR/correct:
+#                                       the facts the model predicts; FIGURES_DIR/heads: the maps)
 #   The CT_FIGURE2_* variables of scripts/figure2.sh apply (device, workers, output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 figures="${1:-docs/figure3}"
-CT_SWEEP_FLAGS="--kinds hidden,severed_mlp,severed_attn --tokens last-subject --correctness none --limit 1000" \
-  CT_AGGREGATE_FLAGS="--facts all" scripts/figure2.sh "$figures"
+severed="--kinds hidden,severed_mlp,severed_attn --tokens last-subject --correctness none --limit 1000"
+CT_SWEEP_FLAGS="$severed" CT_AGGREGATE_FLAGS="--facts all" scripts/figure2.sh "$figures"
+# The same sweep again is finished at once; only the averages differ.
+CT_SWEEP_FLAGS="$severed" scripts/figure2.sh "$figures/correct"
 CT_SWEEP_FLAGS="--kinds head --tokens last-subject,last" scripts/figure2.sh "$figures/heads"

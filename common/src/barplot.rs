@@ -66,6 +66,8 @@ impl Figure for BarChart {
         // The notebook's ylim: at least 2.5% at the top.
         let hi = hi.max(0.025) * 1.05;
         let lo = if lo < 0.0 { lo * 1.05 } else { 0.0 };
+        // Ticks every 0.5% need a decimal; every 1% or more do not.
+        let decimals = if hi - lo < 0.06 { 1 } else { 0 };
         let mut chart = ChartBuilder::on(root)
             .caption(&self.title, ("sans-serif", 18))
             .margin(12)
@@ -81,7 +83,7 @@ impl Figure for BarChart {
             .y_desc(&self.y_label)
             .x_labels(groups.min(25))
             .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
+            .y_label_formatter(&|v| format!("{:.*}%", decimals, v * 100.0))
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 15))
             .draw()

@@ -1,6 +1,7 @@
 //! The paper's Figure 2 for every kind with token × layer axes: `summary.parquet`/`.csv`
 //! (kind, category, layer, aie, mean, std, n), `headline.csv`/`.json` (ATE and the best AIEs),
-//! one heatmap per kind in the kind's style and the line plot with 95% bands.
+//! and, when every token was traced, one heatmap per kind in the kind's style and the line
+//! plot with 95% bands.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -99,8 +100,11 @@ pub fn write(
         std::fs::write(out.join(name), text)?;
         written.push(out.join(name));
     }
-    written.extend(heatmaps(sweep, rollups, out)?);
-    written.extend(lines(sweep, rollups, out)?);
+    // The figures need every category's row; a token-selected sweep gets its tables only.
+    if sweep.categories == [true; 6] {
+        written.extend(heatmaps(sweep, rollups, out)?);
+        written.extend(lines(sweep, rollups, out)?);
+    }
     Ok(written)
 }
 
