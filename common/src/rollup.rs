@@ -84,10 +84,11 @@ pub struct Headline {
     pub low_score: f64,
     /// Average total effect: mean high − mean low.
     pub ate: f64,
-    /// Best AIE at the last subject token, and its layer.
-    pub best_last_subject: (f64, usize),
-    /// Best AIE at the last token, and its layer.
-    pub best_last_token: (f64, usize),
+    /// Best AIE at the last subject token, and its layer; `None` when no fact has that
+    /// category's rows (a token selector that left it out).
+    pub best_last_subject: Option<(f64, usize)>,
+    /// Best AIE at the last token, and its layer; `None` as above.
+    pub best_last_token: Option<(f64, usize)>,
 }
 
 /// Figure 2 for one kind: the cells (category-major, then layer) and the headline.
@@ -166,7 +167,7 @@ pub fn rollup_of(
             .iter()
             .filter(|cell| cell.aie.is_finite())
             .max_by(|a, b| a.aie.total_cmp(&b.aie))
-            .map_or((f64::NAN, 0), |cell| (cell.aie, cell.layer))
+            .map(|cell| (cell.aie, cell.layer))
     };
     let headline = Headline {
         facts: facts.len(),
@@ -216,7 +217,8 @@ mod tests {
         assert_eq!(r.cell(5, 0).n, 0, "the last token was not traced");
         let every = rollup(&[fact], 2).expect("rollup");
         assert_eq!(every.cell(0, 0).n, 1, "the same token is the first subject token");
-        assert!(every.headline.best_last_token.0.is_nan());
+        assert_eq!(every.headline.best_last_token, None);
+        assert_eq!(r.headline.best_last_subject, Some((0.7 - 0.1, 1)));
     }
 
     #[test]
@@ -254,10 +256,12 @@ mod tests {
         close(r.cell(5, 1).std, 0.2);
         let h = &r.headline;
         close(h.ate, 0.7 - 0.2);
-        close(h.best_last_subject.0, 0.65 - low);
-        assert_eq!(h.best_last_subject.1, 0);
-        close(h.best_last_token.0, 0.6 - low);
-        assert_eq!(h.best_last_token.1, 1);
+        let (aie, layer) = h.best_last_subject.expect("last subject traced");
+        close(aie, 0.65 - low);
+        assert_eq!(layer, 0);
+        let (aie, layer) = h.best_last_token.expect("last token traced");
+        close(aie, 0.6 - low);
+        assert_eq!(layer, 1);
         assert!(rollup(&[], 2).is_none());
     }
 }

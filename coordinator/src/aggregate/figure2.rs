@@ -50,6 +50,11 @@ fn summary_rows(rollups: &BTreeMap<Kind, Rollup>) -> Vec<SummaryRow> {
         .collect()
 }
 
+/// A CSV cell: empty for a category that was not traced (as DuckDB writes NULL).
+fn cell<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(String::new, |v| v.to_string())
+}
+
 /// Writes the tables and figures; returns the files written.
 pub fn write(
     sweep: &SweepTables,
@@ -79,17 +84,19 @@ pub fn write(
             h.high_score,
             h.low_score,
             h.ate,
-            h.best_last_subject.0,
-            h.best_last_subject.1,
-            h.best_last_token.0,
-            h.best_last_token.1
+            cell(h.best_last_subject.map(|b| b.0)),
+            cell(h.best_last_subject.map(|b| b.1)),
+            cell(h.best_last_token.map(|b| b.0)),
+            cell(h.best_last_token.map(|b| b.1)),
         ));
         headline_json.insert(
             kind.name().into(),
             serde_json::json!({
                 "facts": h.facts, "high_score": h.high_score, "low_score": h.low_score, "ate": h.ate,
-                "best_aie_last_subject": h.best_last_subject.0, "best_layer_last_subject": h.best_last_subject.1,
-                "best_aie_last_token": h.best_last_token.0, "best_layer_last_token": h.best_last_token.1,
+                "best_aie_last_subject": h.best_last_subject.map(|b| b.0),
+                "best_layer_last_subject": h.best_last_subject.map(|b| b.1),
+                "best_aie_last_token": h.best_last_token.map(|b| b.0),
+                "best_layer_last_token": h.best_last_token.map(|b| b.1),
             }),
         );
     }
@@ -188,8 +195,9 @@ pub fn print(
     let step = if sweep.geometry.n_layers <= 32 { 1 } else { 2 };
     for (kind, r) in rollups {
         let h = &r.headline;
-        let best = |(aie, layer): (f64, usize)| {
-            if aie.is_finite() { format!("{aie:.4} (layer {layer})") } else { "not traced".into() }
+        let best = |b: Option<(f64, usize)>| match b {
+            Some((aie, layer)) => format!("{aie:.4} (layer {layer})"),
+            None => "not traced".into(),
         };
         writeln!(
             out,
