@@ -170,6 +170,8 @@ impl Figure for Heatmap {
         } else {
             (self.vmin, self.vmin + 1e-6)
         };
+        // Enough decimals to tell about five ticks apart (a head's AIE is a few 1e-3).
+        let decimals = (-((hi - lo) / 5.0).log10()).ceil().clamp(2.0, 6.0) as usize;
         let mut legend = ChartBuilder::on(&bar)
             .margin_top(48)
             .margin_bottom(12)
@@ -183,7 +185,7 @@ impl Figure for Heatmap {
             .disable_mesh()
             .disable_x_axis()
             .y_labels(6)
-            .y_label_formatter(&|v| format!("{v:.2}"))
+            .y_label_formatter(&|v| format!("{:.*}", decimals, v))
             .x_desc(&self.bar_label)
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 16))
