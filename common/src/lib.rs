@@ -7,6 +7,7 @@
 pub mod barplot;
 pub mod dataset;
 pub mod dataset_formats;
+pub mod donor;
 pub mod error;
 pub mod experiment;
 pub mod faults;

@@ -194,6 +194,19 @@ impl Tokenizer {
     }
 }
 
+/// What symmetric token replacement's donor rule reads of the tokenizer.
+impl common::donor::Encode for Tokenizer {
+    type Error = Error;
+
+    fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text)
+    }
+
+    fn first_answer_token(&self, attribute: &str) -> Result<Option<u32>> {
+        Ok(self.encode_plain(&format!(" {attribute}"))?.first().copied())
+    }
+}
+
 /// Whether `c` is one of the 256 characters GPT-2's byte-level alphabet uses.
 fn in_byte_alphabet(c: char) -> bool {
     let c = c as u32;
