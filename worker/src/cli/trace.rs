@@ -5,7 +5,7 @@ use std::path::{Path as FsPath, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use common::dataset::read_knowns_file;
+use common::dataset::{KnownFact, read_knowns_file};
 use common::experiment::Resolved;
 use common::flags::ExperimentFlags;
 
@@ -20,24 +20,29 @@ pub struct TraceArgs {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt whose continuation is traced.
-    #[arg(long)]
-    pub prompt: String,
+    /// The prompt whose continuation is traced (or --knowns with --known-id).
+    #[arg(long, required_unless_present = "knowns", requires = "subject")]
+    pub prompt: Option<String>,
     /// The subject, as it occurs in the prompt: its embeddings are corrupted.
-    #[arg(long)]
-    pub subject: String,
+    #[arg(long, requires = "prompt")]
+    pub subject: Option<String>,
     /// The expected attribute (e.g. "Berlin"), for the correctness check.
-    #[arg(long)]
+    #[arg(long, requires = "prompt")]
     pub expect: Option<String>,
+    /// Trace the fact --known-id of this knowns file (its prompt, subject and attribute);
+    /// its subjects also give sK noise's std unless --noise-subjects says otherwise.
+    #[arg(long, conflicts_with = "prompt", requires = "known_id")]
+    pub knowns: Option<PathBuf>,
     /// The experiment.
     #[command(flatten)]
     pub experiment: ExperimentFlags,
     /// Knowns file whose subjects define the embedding std for sK noise.
     #[arg(long)]
     pub noise_subjects: Option<PathBuf>,
-    /// The fact's id, for --seed-mode per-fact.
-    #[arg(long, default_value_t = 0)]
-    pub known_id: u64,
+    /// The fact's id: which fact of --knowns, and the seed of --seed-mode per-fact
+    /// (default 0).
+    #[arg(long)]
+    pub known_id: Option<u64>,
     /// Compute the tables ROME's way (slow; the reference for the fast path).
     #[arg(long)]
     pub naive: bool,
@@ -76,6 +81,22 @@ fn subjects_std(loaded: &LoadedModel, knowns: &FsPath) -> anyhow::Result<f64> {
     Ok(embedding_std(&loaded.model, loaded.tokenizer()?, &subjects)?)
 }
 
+/// The fact `known_id` of a knowns file, or an error that says why it cannot be traced.
+fn known_fact(path: &FsPath, known_id: u64) -> anyhow::Result<KnownFact> {
+    let mut knowns = read_knowns_file(path)?;
+    if let Some(i) = knowns.facts.iter().position(|f| f.known_id == known_id) {
+        return Ok(knowns.facts.swap_remove(i));
+    }
+    match knowns.errors.iter().find(|e| e.known_id == Some(known_id)) {
+        Some(err) => anyhow::bail!("{}: {err}", path.display()),
+        None => anyhow::bail!(
+            "{}: no fact has known_id {known_id} ({} valid records)",
+            path.display(),
+            knowns.facts.len()
+        ),
+    }
+}
+
 /// Runs `worker noise-level`: prints the level.
 pub fn run_noise_level(args: &NoiseLevelArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
@@ -91,8 +112,12 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     experiment.check_model(geometry(&loaded.model))?;
     let rule = experiment.noise();
+    let known = match &args.knowns {
+        Some(path) => Some(known_fact(path, args.known_id.unwrap_or(0))?),
+        None => None,
+    };
     let std = if rule.needs_calibration() {
-        let path = args.noise_subjects.as_deref().with_context(|| {
+        let path = args.noise_subjects.as_deref().or(args.knowns.as_deref()).with_context(|| {
             format!(
                 "--noise {} needs --noise-subjects <KNOWNS FILE> (ROME uses the dataset's subjects), or give a level such as --noise 0.1",
                 rule.noise
@@ -105,11 +130,20 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let noise = rule.resolve(std)?;
     let exp = Resolved::new(experiment, noise)?;
     let opts = TraceOptions { max_batch_tokens: args.max_batch_tokens, layers: None };
-    let fact = FactInput {
-        known_id: args.known_id,
-        prompt: &args.prompt,
-        subject: &args.subject,
-        expect: args.expect.as_deref(),
+    let fact = match &known {
+        Some(f) => FactInput {
+            known_id: f.known_id,
+            prompt: &f.prompt,
+            subject: &f.subject,
+            expect: Some(&f.attribute),
+        },
+        // clap requires --prompt and --subject without --knowns.
+        None => FactInput {
+            known_id: args.known_id.unwrap_or(0),
+            prompt: args.prompt.as_deref().context("--prompt is required")?,
+            subject: args.subject.as_deref().context("--subject is required")?,
+            expect: args.expect.as_deref(),
+        },
     };
     let path = if args.naive { Path::Naive } else { Path::Fast };
     let started = std::time::Instant::now();

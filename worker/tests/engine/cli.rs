@@ -187,6 +187,65 @@ fn trace_plots_and_checks_its_flags() {
     assert!(err.contains("subject \"Apple\" is not in the prompt"), "{err}");
 }
 
+/// `--knowns FILE --known-id N` traces that fact: the same numbers as its prompt, subject and
+/// attribute given by hand (its id seeding per-fact noise), its subjects giving sK's std; an
+/// id that is missing or broken is an error that says so.
+#[test]
+fn trace_takes_a_fact_from_a_knowns_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let knowns = dir.path().join("knowns.json");
+    let records = serde_json::json!([
+        {"known_id": 3, "subject": "Beats Music", "attribute": "Apple",
+         "prompt": "Beats Music is owned by", "relation_id": "P127"},
+        {"known_id": 7, "subject": "Music", "attribute": "Apple",
+         "prompt": "Beats Music is owned by", "relation_id": "P127"},
+        {"known_id": 9, "subject": "Nowhere", "prompt": "x"}
+    ]);
+    std::fs::write(&knowns, records.to_string()).expect("write");
+    let trace = |args: &[&str]| {
+        worker()
+            .args(["trace", "--model"])
+            .arg(tiny_model())
+            .args(["--samples", "2", "--window", "2", "--kinds", "hidden", "--json"])
+            .args(["--seed-mode", "per-fact", "--seed", "5"])
+            .args(args)
+            .output()
+            .expect("run worker")
+    };
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let by_id = json(&trace(&["--knowns", knowns.to_str().expect("utf-8"), "--known-id", "7"]));
+    let by_hand = json(&trace(&[
+        "--prompt",
+        "Beats Music is owned by",
+        "--subject",
+        "Music",
+        "--expect",
+        "Apple",
+        "--known-id",
+        "7",
+        "--noise-subjects",
+        knowns.to_str().expect("utf-8"),
+    ]));
+    assert_eq!(by_id, by_hand);
+    assert_eq!(by_id["subject_range"], serde_json::json!([6, 11]));
+    assert!(!by_id["correct"].is_null(), "the attribute is the expected answer");
+
+    let out = trace(&["--knowns", knowns.to_str().expect("utf-8"), "--known-id", "4"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no fact has known_id 4 (2 valid records)"), "{err}");
+    let out = trace(&["--knowns", knowns.to_str().expect("utf-8"), "--known-id", "9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("record 2 (known_id 9)") && err.contains("attribute"), "{err}");
+    // The fact comes from one place: --prompt with --knowns is refused.
+    let out = trace(&["--knowns", "k.json", "--known-id", "3", "--prompt", "x", "--subject", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}
+
 #[test]
 fn noise_level_prints_three_times_the_embedding_std() {
     let out = worker()
