@@ -43,6 +43,9 @@ pub struct Experiment {
 pub enum Corruption {
     /// ROME's: noise on the subject's token embeddings, S samples.
     Noise(NoiseCorruption),
+    /// Symmetric token replacement: the subject's tokens replaced by a donor fact's
+    /// (`crate::donor`), one deterministic corrupted run.
+    Str,
 }
 
 /// Noise on the subject's token embeddings (ROME's `trace_with_patch` noise).
@@ -167,6 +170,47 @@ fn invalid(setting: &str, message: impl Into<String>) -> Error {
 }
 
 impl NoiseCorruption {
+    /// The checks of the noise settings, given the kinds they corrupt for.
+    fn check(&self, kinds: &[Kind]) -> Result<()> {
+        if self.samples == 0 {
+            return Err(invalid("--samples", "must be at least 1"));
+        }
+        if self.seed_mode == SeedMode::Rome && self.seed != 0 {
+            return Err(invalid("--seed", "applies to --seed-mode per-fact only"));
+        }
+        let noise_ok = match self.noise {
+            NoiseSpec::Level(v) | NoiseSpec::StdMultiple(v) | NoiseSpec::Uniform(v) => {
+                v.is_finite() && v >= 0.0
+            }
+        };
+        if !noise_ok {
+            return Err(invalid("--noise", format!("{} is not a level", self.noise)));
+        }
+        // ROME's notebook (`trace_with_repatch`) only adds Gaussian noise; its two-pass
+        // seeding has no meaning for the other corruptions.
+        if self.seed_mode == SeedMode::Rome {
+            for kind in kinds.iter().filter(|k| k.freezes().is_some()) {
+                if self.replace {
+                    return Err(invalid(
+                        "--replace",
+                        format!(
+                            "{kind} with --seed-mode rome reproduces ROME's notebook, which only adds noise"
+                        ),
+                    ));
+                }
+                if matches!(self.noise, NoiseSpec::Uniform(_)) {
+                    return Err(invalid(
+                        "--noise",
+                        format!(
+                            "{kind} with --seed-mode rome reproduces ROME's notebook, which only adds Gaussian noise"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the level must first be measured on the dataset's subjects (`sK`).
     pub fn needs_calibration(&self) -> bool {
         self.noise.needs_calibration()
@@ -223,16 +267,33 @@ impl Experiment {
         }
     }
 
-    /// The noise corruption.
-    pub fn noise(&self) -> &NoiseCorruption {
+    /// The noise corruption, if that is the corruption.
+    pub fn noise(&self) -> Option<&NoiseCorruption> {
         match &self.corruption {
-            Corruption::Noise(n) => n,
+            Corruption::Noise(n) => Some(n),
+            Corruption::Str => None,
         }
     }
 
-    /// Noise samples per run.
+    /// Whether the corruption replaces the subject by a donor's.
+    pub fn is_str(&self) -> bool {
+        self.corruption == Corruption::Str
+    }
+
+    /// Whether the noise level must first be measured on the dataset's subjects (`sK`).
+    pub fn needs_calibration(&self) -> bool {
+        self.noise().is_some_and(NoiseCorruption::needs_calibration)
+    }
+
+    /// Corrupted rows per run: the noise samples, or STR's one.
     pub fn samples(&self) -> usize {
-        self.noise().samples as usize
+        self.noise().map_or(1, |n| n.samples as usize)
+    }
+
+    /// Whether the severed kinds' frozen states come from another corrupted run than the
+    /// measured one (ROME's seeding quirk, docs/science.md §4): noise in `rome` mode only.
+    pub fn two_draws(&self) -> bool {
+        self.freezes() && self.noise().is_some_and(|n| n.seed_mode == SeedMode::Rome)
     }
 
     /// Whether any kind freezes states at a corrupted run's values.
@@ -242,10 +303,6 @@ impl Experiment {
 
     /// The checks that need no model. Every message names the flag at fault.
     pub fn check(&self) -> Result<()> {
-        let n = self.noise();
-        if n.samples == 0 {
-            return Err(invalid("--samples", "must be at least 1"));
-        }
         if self.window == 0 {
             return Err(invalid("--window", "must be at least 1"));
         }
@@ -263,40 +320,10 @@ impl Experiment {
         if self.metrics.is_empty() {
             return Err(invalid("--metrics", "needs at least one metric"));
         }
-        if n.seed_mode == SeedMode::Rome && n.seed != 0 {
-            return Err(invalid("--seed", "applies to --seed-mode per-fact only"));
+        match &self.corruption {
+            Corruption::Noise(n) => n.check(&self.kinds),
+            Corruption::Str => Ok(()),
         }
-        let noise_ok = match n.noise {
-            NoiseSpec::Level(v) | NoiseSpec::StdMultiple(v) | NoiseSpec::Uniform(v) => {
-                v.is_finite() && v >= 0.0
-            }
-        };
-        if !noise_ok {
-            return Err(invalid("--noise", format!("{} is not a level", n.noise)));
-        }
-        // ROME's notebook (`trace_with_repatch`) only adds Gaussian noise; its two-pass
-        // seeding has no meaning for the other corruptions.
-        if n.seed_mode == SeedMode::Rome {
-            for kind in self.kinds.iter().filter(|k| k.freezes().is_some()) {
-                if n.replace {
-                    return Err(invalid(
-                        "--replace",
-                        format!(
-                            "{kind} with --seed-mode rome reproduces ROME's notebook, which only adds noise"
-                        ),
-                    ));
-                }
-                if matches!(n.noise, NoiseSpec::Uniform(_)) {
-                    return Err(invalid(
-                        "--noise",
-                        format!(
-                            "{kind} with --seed-mode rome reproduces ROME's notebook, which only adds Gaussian noise"
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// The checks that need the model's shape.
@@ -325,28 +352,48 @@ impl Experiment {
 pub struct Resolved {
     /// The spec.
     pub experiment: Experiment,
-    /// Its noise, resolved.
-    pub noise: Noise,
+    /// Its noise, resolved; `None` for a corruption without noise (STR).
+    pub noise: Option<Noise>,
 }
 
 impl Resolved {
     /// Checks the spec, and that `noise` is what its rule resolves to (a worker trusts
     /// nothing it is sent).
-    pub fn new(experiment: Experiment, noise: Noise) -> Result<Self> {
+    pub fn new(experiment: Experiment, noise: Option<Noise>) -> Result<Self> {
         experiment.check()?;
-        let rule = experiment.noise();
-        let expected = rule.resolve(Some(0.0))?;
-        let level_ok = noise.level.is_finite()
-            && noise.level >= 0.0
-            && (rule.needs_calibration() || noise.level == expected.level);
-        if !level_ok || noise.distribution != expected.distribution || noise.replace != rule.replace
-        {
-            return Err(invalid(
-                "--noise",
-                format!("{noise:?} is not what the rule {} resolves to", rule.noise),
-            ));
+        match (experiment.noise(), noise) {
+            (None, None) => {}
+            (None, Some(noise)) => {
+                return Err(invalid(
+                    "--noise",
+                    format!("{noise:?} given to a corruption without noise"),
+                ));
+            }
+            (Some(rule), None) => {
+                return Err(invalid("--noise", format!("the rule {} is not resolved", rule.noise)));
+            }
+            (Some(rule), Some(noise)) => {
+                let expected = rule.resolve(Some(0.0))?;
+                let level_ok = noise.level.is_finite()
+                    && noise.level >= 0.0
+                    && (rule.needs_calibration() || noise.level == expected.level);
+                if !level_ok
+                    || noise.distribution != expected.distribution
+                    || noise.replace != rule.replace
+                {
+                    return Err(invalid(
+                        "--noise",
+                        format!("{noise:?} is not what the rule {} resolves to", rule.noise),
+                    ));
+                }
+            }
         }
         Ok(Self { experiment, noise })
+    }
+
+    /// The noise level, NaN without noise (what the `facts` table records).
+    pub fn noise_level(&self) -> f64 {
+        self.noise.map_or(f64::NAN, |n| n.level)
     }
 }
 
@@ -418,6 +465,7 @@ mod tests {
     fn noise_mut(e: &mut Experiment) -> &mut NoiseCorruption {
         match &mut e.corruption {
             Corruption::Noise(n) => n,
+            Corruption::Str => panic!("a noise experiment"),
         }
     }
 
@@ -482,16 +530,20 @@ mod tests {
 
     #[test]
     fn noise_is_resolved_once_and_checked() {
-        let rule = *Experiment::rome().noise();
+        let rule = *Experiment::rome().noise().expect("noise");
         assert!(rule.resolve(None).is_err(), "s3 needs the std");
         let noise = rule.resolve(Some(0.5)).expect("level");
         assert_eq!(noise.level, 1.5);
-        Resolved::new(Experiment::rome(), noise).expect("consistent");
+        Resolved::new(Experiment::rome(), Some(noise)).expect("consistent");
         let wrong = Noise { distribution: Distribution::Uniform, ..noise };
-        assert!(Resolved::new(Experiment::rome(), wrong).is_err());
+        assert!(Resolved::new(Experiment::rome(), Some(wrong)).is_err());
+        assert!(Resolved::new(Experiment::rome(), None).is_err(), "noise needs its level");
         let fixed = with(|e| noise_mut(e).noise = NoiseSpec::Level(0.1));
-        assert!(Resolved::new(fixed.clone(), noise).is_err(), "a level is what it says");
-        Resolved::new(fixed, Noise { level: 0.1, ..noise }).expect("the level");
+        assert!(Resolved::new(fixed.clone(), Some(noise)).is_err(), "a level is what it says");
+        Resolved::new(fixed, Some(Noise { level: 0.1, ..noise })).expect("the level");
+        let str = with(|e| e.corruption = Corruption::Str);
+        assert!(Resolved::new(str.clone(), Some(noise)).is_err(), "STR has no noise");
+        assert!(Resolved::new(str, None).expect("STR").noise_level().is_nan());
     }
 
     #[test]
@@ -502,6 +554,9 @@ mod tests {
         assert_ne!(a.digest(), with(|e| e.tokens = Tokens(vec![TokenRole::Last])).digest());
         let json = serde_json::to_value(&a).expect("json");
         assert_eq!(json["corruption"]["type"], "noise");
+        let str = with(|e| e.corruption = Corruption::Str);
+        assert_ne!(a.digest(), str.digest());
+        assert_eq!(serde_json::to_value(&str).expect("json")["corruption"]["type"], "str");
         assert_eq!(json["tokens"], serde_json::json!(["all"]));
         let back: Experiment = serde_json::from_value(json).expect("back");
         assert_eq!(back, a);

@@ -10,33 +10,38 @@ use crate::experiment::{
 use crate::kinds::Kind;
 use crate::settings::{Correctness, NoiseSpec, SeedMode};
 
-/// `--kinds`, `--samples`, `--window`, `--noise`, `--replace`, `--seed-mode`, `--seed`,
-/// `--correctness`, `--tokens`; the defaults are ROME's. [`ExperimentFlags::experiment`]
+/// `--corruption`, `--kinds`, `--samples`, `--window`, `--noise`, `--replace`, `--seed-mode`,
+/// `--seed`, `--correctness`, `--tokens`; the defaults are ROME's. [`ExperimentFlags::experiment`]
 /// is the one place they become an [`Experiment`].
 #[derive(Debug, Clone, Args)]
 pub struct ExperimentFlags {
+    /// noise (ROME's: Gaussian noise on the subject's embeddings) or str (symmetric token
+    /// replacement: the subject replaced by another fact's of the same relation; needs the
+    /// dataset, takes none of --samples, --noise, --replace, --seed-mode, --seed).
+    #[arg(long, default_value = "noise")]
+    pub corruption: CorruptionName,
     /// What to restore: hidden, mlp, attn (Figure 2); severed_mlp, severed_attn (Figure 3:
     /// the hidden state with the token's MLP or attention outputs frozen at a corrupted
     /// run's values); head (one attention head's output, per head).
     #[arg(long, value_delimiter = ',', default_value = "hidden,mlp,attn")]
     pub kinds: Vec<Kind>,
-    /// Noise samples per restored state.
-    #[arg(long, default_value_t = 10)]
-    pub samples: u32,
+    /// Noise samples per restored state [default: 10].
+    #[arg(long)]
+    pub samples: Option<u32>,
     /// Layers restored together for mlp and attn.
     #[arg(long, default_value_t = 10)]
     pub window: u32,
     /// A level (e.g. 0.1), sK (K × the std of the subjects' embeddings; ROME's is s3) or uK
-    /// (uniform noise in [-1, 1) × K).
-    #[arg(long, default_value = "s3")]
-    pub noise: NoiseSpec,
+    /// (uniform noise in [-1, 1) × K) [default: s3].
+    #[arg(long)]
+    pub noise: Option<NoiseSpec>,
     /// Replace the subject's embeddings with the noise instead of adding it.
     #[arg(long)]
     pub replace: bool,
     /// rome: numpy RandomState(1) for every fact, as ROME; per-fact: seeded by --seed and the
-    /// fact's id.
-    #[arg(long, default_value = "rome")]
-    pub seed_mode: SeedMode,
+    /// fact's id [default: rome].
+    #[arg(long)]
+    pub seed_mode: Option<SeedMode>,
     /// The sweep seed for --seed-mode per-fact (default 0).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -54,20 +59,42 @@ pub struct ExperimentFlags {
 impl ExperimentFlags {
     /// The experiment these flags describe, checked (everything that needs no model).
     pub fn experiment(&self) -> Result<Experiment> {
-        if self.seed.is_some() && self.seed_mode == SeedMode::Rome {
-            return Err(crate::Error::Experiment {
-                setting: "--seed".into(),
-                message: "applies to --seed-mode per-fact only".into(),
-            });
+        let refuse = |setting: &str, message: &str| crate::Error::Experiment {
+            setting: setting.into(),
+            message: message.into(),
+        };
+        let seed_mode = self.seed_mode.unwrap_or(SeedMode::Rome);
+        if self.seed.is_some() && seed_mode == SeedMode::Rome {
+            return Err(refuse("--seed", "applies to --seed-mode per-fact only"));
         }
-        let experiment = Experiment {
-            corruption: Corruption::Noise(NoiseCorruption {
-                noise: self.noise,
+        let corruption = match self.corruption {
+            CorruptionName::Noise => Corruption::Noise(NoiseCorruption {
+                noise: self.noise.unwrap_or(NoiseSpec::StdMultiple(3.0)),
                 replace: self.replace,
-                samples: self.samples,
-                seed_mode: self.seed_mode,
+                samples: self.samples.unwrap_or(10),
+                seed_mode,
                 seed: self.seed.unwrap_or(0),
             }),
+            CorruptionName::Str => {
+                // STR is deterministic: one corrupted run, no noise to draw or seed.
+                let given = [
+                    ("--samples", self.samples.is_some()),
+                    ("--noise", self.noise.is_some()),
+                    ("--replace", self.replace),
+                    ("--seed-mode", self.seed_mode.is_some()),
+                    ("--seed", self.seed.is_some()),
+                ];
+                if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                    return Err(refuse(
+                        flag,
+                        "does not apply to --corruption str (one deterministic corrupted run)",
+                    ));
+                }
+                Corruption::Str
+            }
+        };
+        let experiment = Experiment {
+            corruption,
             kinds: self.kinds.clone(),
             window: self.window,
             tokens: Tokens(self.tokens.clone()),
@@ -78,6 +105,15 @@ impl ExperimentFlags {
         experiment.check()?;
         Ok(experiment)
     }
+}
+
+/// The corruptions `--corruption` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CorruptionName {
+    /// Gaussian (or uniform) noise on the subject's embeddings.
+    Noise,
+    /// Symmetric token replacement.
+    Str,
 }
 
 /// The client side of TLS, for an `https://` coordinator URL (`worker serve`,
@@ -101,5 +137,46 @@ impl ClientTlsFlags {
         &self,
     ) -> (Option<&std::path::Path>, Option<&std::path::Path>, Option<&std::path::Path>) {
         (self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        experiment: ExperimentFlags,
+    }
+
+    fn parse(args: &[&str]) -> Result<Experiment> {
+        let cli = Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .expect("clap parses");
+        cli.experiment.experiment()
+    }
+
+    #[test]
+    fn defaults_are_romes_and_str_takes_no_noise_settings() {
+        assert_eq!(parse(&[]).expect("defaults"), Experiment::rome());
+        let str = parse(&["--corruption", "str", "--kinds", "hidden"]).expect("str");
+        assert_eq!(str.corruption, Corruption::Str);
+        assert_eq!(str.samples(), 1);
+        for flags in [
+            &["--samples", "3"][..],
+            &["--noise", "0.1"],
+            &["--replace"],
+            &["--seed-mode", "per-fact"],
+            &["--seed-mode", "per-fact", "--seed", "2"],
+        ] {
+            let mut args = vec!["--corruption", "str"];
+            args.extend_from_slice(flags);
+            let err = parse(&args).expect_err("refused").to_string();
+            assert!(err.starts_with(flags[0]) && err.contains("--corruption str"), "{err}");
+        }
+        let err = parse(&["--seed", "3"]).expect_err("rome mode").to_string();
+        assert!(err.starts_with("--seed"), "{err}");
     }
 }

@@ -15,9 +15,18 @@ pub const CALIBRATION_JOB: &str = "calibration";
 
 /// The version of a sweep's tables and manifest. 2: the experiment spec (kinds beyond
 /// ROME's three, token selectors), the `head` column of `traces`, and `traced_tokens`,
-/// `n_layers`, `n_heads` in `facts`. A coordinator refuses to resume a sweep of another
-/// version (its tables would mix two schemas).
-pub const SCHEMA: u32 = 2;
+/// `n_layers`, `n_heads` in `facts`. 3: STR's donor in `facts` (`donor_known_id`,
+/// `donor_subject`, `donor_prompt`), `noise_level` null without noise. A coordinator
+/// refuses to resume a sweep of another version (its tables would mix two schemas);
+/// `coordinator aggregate` reads [`READABLE`].
+pub const SCHEMA: u32 = 3;
+
+/// The schemas `coordinator aggregate` reads: 3 adds columns to 2, and the aggregate reads
+/// none of them.
+pub const READABLE: std::ops::RangeInclusive<u32> = 2..=SCHEMA;
+
+/// What schema [`SCHEMA`] changed, for the message that refuses to resume an older sweep.
+pub const SCHEMA_CHANGES: &str = "STR donors in facts, and noise_level null without noise";
 
 /// Everything that decides a sweep's numbers. Two runs with equal settings are one sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

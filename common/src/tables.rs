@@ -120,12 +120,18 @@ pub struct FactRow {
     pub n_layers: u32,
     /// The model's query heads H.
     pub n_heads: u32,
-    /// The noise level.
-    pub noise_level: f64,
-    /// Noise samples.
+    /// The noise level; `None` without noise (STR).
+    pub noise_level: Option<f64>,
+    /// Corrupted rows per run: noise samples, or STR's 1.
     pub samples: u32,
     /// The model's name.
     pub model: String,
+    /// STR's donor fact (docs/science.md §3).
+    pub donor_known_id: Option<u64>,
+    /// Its subject.
+    pub donor_subject: Option<String>,
+    /// The corrupted prompt: this fact's with the donor's subject.
+    pub donor_prompt: Option<String>,
 }
 
 /// One row of `traces`: p(answer) with one state restored.
@@ -184,9 +190,12 @@ pub fn facts_schema() -> SchemaRef {
         Field::new("traced_tokens", list(DataType::UInt32), false),
         Field::new("n_layers", DataType::UInt32, false),
         Field::new("n_heads", DataType::UInt32, false),
-        Field::new("noise_level", DataType::Float64, false),
+        Field::new("noise_level", DataType::Float64, true),
         Field::new("samples", DataType::UInt32, false),
         Field::new("model", DataType::Utf8, false),
+        Field::new("donor_known_id", DataType::UInt64, true),
+        Field::new("donor_subject", DataType::Utf8, true),
+        Field::new("donor_prompt", DataType::Utf8, true),
     ]))
 }
 
@@ -265,6 +274,9 @@ pub fn facts_batch(rows: &[FactRow]) -> Result<RecordBatch> {
         Arc::new(rows.iter().map(|r| r.noise_level).collect::<Float64Array>()),
         u32s(|r| r.samples),
         strings(|r| &r.model),
+        Arc::new(rows.iter().map(|r| r.donor_known_id).collect::<UInt64Array>()),
+        Arc::new(rows.iter().map(|r| r.donor_subject.as_deref()).collect::<StringArray>()),
+        Arc::new(rows.iter().map(|r| r.donor_prompt.as_deref()).collect::<StringArray>()),
     ];
     batch(facts_schema(), columns, "facts")
 }
@@ -396,8 +408,10 @@ pub struct FactSummary {
     pub subject: (usize, usize),
     /// The Wikidata relation.
     pub relation_id: Option<String>,
-    /// The noise level.
-    pub noise_level: f64,
+    /// The noise level (`None` without noise).
+    pub noise_level: Option<f64>,
+    /// STR's donor (`None` for noise, and in tables of schema 2, which lack the column).
+    pub donor_known_id: Option<u64>,
     /// The tokens whose rows were computed.
     pub traced_tokens: Vec<usize>,
     /// The model's layers.
@@ -424,6 +438,9 @@ pub fn read_facts(bytes: &Bytes) -> Result<Vec<FactSummary>> {
         let traced_tokens = column(&b, "traced_tokens", what)?.as_list::<i32>();
         let n_layers = column(&b, "n_layers", what)?.as_primitive::<UInt32Type>();
         let n_heads = column(&b, "n_heads", what)?.as_primitive::<UInt32Type>();
+        // Optional (schema 2 lacks it), and of the right type or ignored: never a panic.
+        let donors =
+            b.column_by_name("donor_known_id").and_then(|c| c.as_primitive_opt::<UInt64Type>());
         for i in 0..b.num_rows() {
             use arrow_array::Array;
             let list = traced_tokens.value(i);
@@ -441,7 +458,8 @@ pub fn read_facts(bytes: &Bytes) -> Result<Vec<FactSummary>> {
                 high_score: high.value(i),
                 low_score: low.value(i),
                 traced: traced.value(i),
-                noise_level: level.value(i),
+                noise_level: level.is_valid(i).then(|| level.value(i)),
+                donor_known_id: donors.filter(|d| d.is_valid(i)).map(|d| d.value(i)),
             });
         }
     }
@@ -549,12 +567,29 @@ mod tests {
             traced_tokens: vec![1],
             n_layers: 4,
             n_heads: 2,
-            noise_level: 0.3,
+            noise_level: Some(0.3),
             samples: 10,
             model: "m".into(),
+            donor_known_id: None,
+            donor_subject: None,
+            donor_prompt: None,
         };
-        let bytes = write_parquet(&facts_batch(&[fact]).expect("batch"), "f").expect("write");
+        let str = FactRow {
+            known_id: 10,
+            noise_level: None,
+            samples: 1,
+            donor_known_id: Some(4),
+            donor_subject: Some("d".into()),
+            donor_prompt: Some("d p".into()),
+            ..fact.clone()
+        };
+        let batch = facts_batch(&[fact, str]).expect("batch");
+        let donors = batch.column_by_name("donor_known_id").expect("column");
+        assert_eq!((donors.null_count(), donors.len()), (1, 2));
+        let bytes = write_parquet(&batch, "f").expect("write");
         let back = read_facts(&bytes).expect("read");
+        assert_eq!((back[0].noise_level, back[1].noise_level), (Some(0.3), None));
+        assert_eq!((back[0].donor_known_id, back[1].donor_known_id), (None, Some(4)));
         assert_eq!(back[0].known_id, 9);
         assert_eq!(back[0].n_tokens, 2);
         assert_eq!(

@@ -15,8 +15,8 @@ pub const MANIFEST: &str = "manifest.json";
 /// The noise the sweep uses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoiseInfo {
-    /// The rule as given (`s3`, `0.1`, `u2`).
-    pub spec: String,
+    /// The rule as given (`s3`, `0.1`, `u2`); `None` without noise (STR).
+    pub spec: Option<String>,
     /// The level, once known.
     pub level: Option<f64>,
     /// The embeddings' std, for `sK`.
@@ -145,7 +145,7 @@ pub async fn read(out: &Location) -> anyhow::Result<Option<Manifest>> {
         return Err(OtherSchema {
             folder: out.display.clone(),
             found,
-            what: "experiments, per-head rows and traced-token lists",
+            what: common::sweep::SCHEMA_CHANGES,
             version: value["coordinator_version"].as_str().unwrap_or("unknown").to_string(),
         }
         .into());

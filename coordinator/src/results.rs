@@ -6,6 +6,7 @@
 use std::ops::Range;
 
 use common::dataset::KnownFact;
+use common::donor::Candidate;
 use common::experiment::Experiment;
 use common::kinds::{Geometry, Kind};
 use common::tables::{FactRow, TokenCategory, TraceRow};
@@ -28,9 +29,12 @@ pub enum ResultError {
         /// Its value.
         value: f32,
     },
-    /// A noise level that is not one.
-    #[error("noise_level {0} is not a level")]
-    NoiseLevel(f64),
+    /// A noise level that is not one, or one where the corruption has none.
+    #[error("noise_level {0}")]
+    NoiseLevel(String),
+    /// STR's donor missing, not one of the job's candidates, or sent without STR.
+    #[error("donor: {0}")]
+    Donor(String),
     /// Token strings and ids disagree, or there are none.
     #[error("{tokens} tokens and {ids} token ids")]
     Tokens {
@@ -111,6 +115,8 @@ pub struct JobContext<'a> {
     pub geometry: Geometry,
     /// Noise samples, for the `facts` row.
     pub samples: u32,
+    /// STR's donor candidates of this fact (empty for noise).
+    pub candidates: &'a [Candidate],
     /// The model's name, for the `facts` row.
     pub model: &'a str,
 }
@@ -132,9 +138,7 @@ pub fn job_rows(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<Job
     }
     probability(|| "high_score".into(), result.high_score)?;
     probability(|| "low_score".into(), result.low_score)?;
-    if !(result.noise_level.is_finite() && result.noise_level >= 0.0) {
-        return Err(ResultError::NoiseLevel(result.noise_level));
-    }
+    check_corruption(ctx, result)?;
     if t_len == 0 || result.token_ids.len() != t_len {
         return Err(ResultError::Tokens { tokens: t_len, ids: result.token_ids.len() });
     }
@@ -223,8 +227,38 @@ pub fn job_rows(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<Job
         noise_level: result.noise_level,
         samples: ctx.samples,
         model: ctx.model.to_string(),
+        donor_known_id: result.donor.as_ref().map(|d| d.known_id),
+        donor_subject: result.donor.as_ref().map(|d| d.subject.clone()),
+        donor_prompt: result.donor.as_ref().map(|d| d.prompt.clone()),
     });
     Ok(JobRows { fact: fact_row, traces })
+}
+
+/// The noise level and the donor fit the corruption: noise has a level and no donor; STR
+/// a donor among the job's candidates (with its subject) and no level.
+fn check_corruption(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<(), ResultError> {
+    let level = result.noise_level;
+    match (ctx.experiment.is_str(), level, &result.donor) {
+        (false, Some(l), None) if l.is_finite() && l >= 0.0 => Ok(()),
+        (false, Some(l), None) => Err(ResultError::NoiseLevel(format!("{l} is not a level"))),
+        (false, None, _) => Err(ResultError::NoiseLevel("missing".into())),
+        (false, Some(_), Some(_)) => Err(ResultError::Donor("sent for a noise corruption".into())),
+        (true, Some(l), _) => Err(ResultError::NoiseLevel(format!("{l} sent for STR"))),
+        (true, None, None) => Err(ResultError::Donor("missing".into())),
+        (true, None, Some(d)) => {
+            let known = ctx.candidates.iter().find(|c| c.known_id == d.known_id);
+            match known {
+                Some(c) if c.subject == d.subject && !d.prompt.is_empty() => Ok(()),
+                Some(_) => {
+                    Err(ResultError::Donor(format!("fact {} has another subject", d.known_id)))
+                }
+                None => Err(ResultError::Donor(format!(
+                    "fact {} is not a candidate of this fact",
+                    d.known_id
+                ))),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -252,7 +286,15 @@ mod tests {
     }
 
     fn ctx<'a>(e: &'a Experiment, layers: &'a Range<u32>, f: &'a KnownFact) -> JobContext<'a> {
-        JobContext { fact: f, layers, experiment: e, geometry: G, samples: 2, model: "m" }
+        JobContext {
+            fact: f,
+            layers,
+            experiment: e,
+            geometry: G,
+            samples: 2,
+            candidates: &[],
+            model: "m",
+        }
     }
 
     /// A well-formed result of a 3-token fact with subject [0, 1) for `e` over `width` layers.
@@ -270,8 +312,47 @@ mod tests {
             subject_end: 1,
             traced: true,
             scores: e.kinds.iter().map(|&k| table(k)).collect(),
+            noise_level: Some(0.1),
             ..proto::TraceResult::default()
         }
+    }
+
+    /// STR: a donor among the candidates and no noise level; anything else is refused.
+    #[test]
+    fn str_results_carry_a_candidate_donor() {
+        let noise = experiment(&[Kind::Hidden], Tokens::all());
+        let e = Experiment { corruption: common::experiment::Corruption::Str, ..noise.clone() };
+        let f = fact();
+        let pool = [Candidate { known_id: 8, subject: "C".into(), attribute: "D".into() }];
+        let with_pool = JobContext { candidates: &pool, ..ctx(&e, &(0..2), &f) };
+        let donor =
+            proto::Donor { known_id: 8, subject: "C".into(), prompt: "C is".into(), foil_id: 4 };
+        let good =
+            proto::TraceResult { noise_level: None, donor: Some(donor.clone()), ..result(&e, 2) };
+        let row = job_rows(&with_pool, &good).expect("valid").fact.expect("fact row");
+        assert_eq!((row.donor_known_id, row.noise_level), (Some(8), None));
+        assert_eq!(row.donor_prompt.as_deref(), Some("C is"));
+        let refused =
+            |r: proto::TraceResult| job_rows(&with_pool, &r).expect_err("refused").to_string();
+        let stranger = proto::Donor { known_id: 9, ..donor.clone() };
+        assert!(
+            refused(proto::TraceResult { donor: Some(stranger), ..good.clone() })
+                .contains("not a candidate")
+        );
+        let renamed = proto::Donor { subject: "E".into(), ..donor.clone() };
+        assert!(
+            refused(proto::TraceResult { donor: Some(renamed), ..good.clone() })
+                .contains("another subject")
+        );
+        assert!(refused(proto::TraceResult { donor: None, ..good.clone() }).contains("missing"));
+        assert!(
+            refused(proto::TraceResult { noise_level: Some(0.1), ..good.clone() })
+                .contains("sent for STR")
+        );
+        // And the noise experiment refuses a donor.
+        let noisy = proto::TraceResult { noise_level: Some(0.1), ..good };
+        let err = job_rows(&ctx(&noise, &(0..2), &f), &noisy).expect_err("donor").to_string();
+        assert!(err.contains("noise corruption"), "{err}");
     }
 
     #[test]
@@ -328,7 +409,16 @@ mod tests {
             8 => r.traced = false,
             9 => r.scores.push(r.scores[0].clone()),
             10 => r.scores[1].tokens.push(n_tokens as u32),
-            _ => r.noise_level = -1.0,
+            11 => r.noise_level = Some(-1.0),
+            12 => r.noise_level = None,
+            _ => {
+                r.donor = Some(proto::Donor {
+                    known_id: 1,
+                    subject: "x".into(),
+                    prompt: "x".into(),
+                    foil_id: 0,
+                })
+            }
         }
     }
 
@@ -350,7 +440,7 @@ mod tests {
             swap_kinds in proptest::prelude::any::<bool>(),
             only_some_tokens in proptest::prelude::any::<bool>(),
             values in proptest::collection::vec(0f32..=1.0, 2 + 6 * 3 * 2 * 2),
-            defects in proptest::collection::vec(0usize..12, 0..3),
+            defects in proptest::collection::vec(0usize..14, 0..3),
         ) {
             let s0 = subject.0 % n_tokens;
             let s1 = s0 + 1 + subject.1 % (n_tokens - s0);
@@ -375,6 +465,7 @@ mod tests {
                 traced: true,
                 high_score: values[0],
                 low_score: values[1],
+                noise_level: Some(0.25),
                 scores: kinds.iter().map(|&kind| {
                     let n = traced.len() * width as usize * kind.heads(G);
                     next += n;

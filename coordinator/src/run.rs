@@ -244,6 +244,8 @@ struct Inputs {
     facts: Vec<KnownFact>,
     /// Every valid subject (the calibration measures all of them, whatever `--limit` says).
     subjects: Vec<String>,
+    /// Every valid fact (STR's donors come from all of them).
+    dataset: Vec<KnownFact>,
     valid: u64,
     errors: Vec<common::dataset::RecordError>,
 }
@@ -274,6 +276,7 @@ async fn read_inputs(args: &RunArgs, give_up: Duration) -> anyhow::Result<Inputs
     }
     let subjects: Vec<String> = knowns.facts.iter().map(|f| f.subject.clone()).collect();
     let valid = knowns.facts.len() as u64;
+    let dataset = knowns.facts.clone();
     let mut facts = knowns.facts;
     if let Some(limit) = args.limit {
         facts.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -284,7 +287,15 @@ async fn read_inputs(args: &RunArgs, give_up: Duration) -> anyhow::Result<Inputs
         retry("reading the model", give_up, || async { Ok(model_fingerprint(&model_at).await?) })
             .await
             .with_context(|| format!("--model {}", args.model))?;
-    Ok(Inputs { dataset_digest, model_fingerprint, facts, subjects, valid, errors: knowns.errors })
+    Ok(Inputs {
+        dataset_digest,
+        model_fingerprint,
+        facts,
+        subjects,
+        dataset,
+        valid,
+        errors: knowns.errors,
+    })
 }
 
 /// The sweep's folder, with injected storage faults in drills.
@@ -361,6 +372,7 @@ fn shared_state(
             settings,
             facts: inputs.facts.clone(),
             subjects: inputs.subjects.clone(),
+            dataset: inputs.dataset.clone(),
             model_name: model_name(&args.model),
             out_display: out.display.clone(),
         },
@@ -386,7 +398,7 @@ fn shared_state(
 /// knows the model's layers, and the dataset's broken records as `errors` rows.
 fn queue_first_jobs(shared: &Shared, replayed: &Replayed, inputs: &Inputs) -> anyhow::Result<()> {
     let experiment: &Experiment = &shared.sweep.settings.experiment;
-    if experiment.noise().needs_calibration() && !shared.sweep.facts.is_empty() {
+    if experiment.needs_calibration() && !shared.sweep.facts.is_empty() {
         let calibration = JobSpec { id: CALIBRATION_JOB.into(), work: Work::Calibration };
         let done = replayed.calibration.is_some();
         shared.sched().add([calibration], |_| done);
@@ -470,7 +482,7 @@ impl ManifestInfo<'_> {
             n_layers: shared.n_layers.get().copied(),
             n_heads: shared.n_heads.get().copied(),
             noise: NoiseInfo {
-                spec: settings.experiment.noise().noise.to_string(),
+                spec: settings.experiment.noise().map(|n| n.noise.to_string()),
                 level: shared.noise().map(|n| n.level),
                 std: calibration.map(|c| c.std),
             },
@@ -505,8 +517,10 @@ fn print_summary(m: &Manifest, out: &str, elapsed: Option<Duration>) {
         m.jobs.done,
         m.jobs.failed
     );
-    if let Some(level) = m.noise.level {
-        println!("  noise: {} (level {level})", m.noise.spec);
+    match (&m.noise.spec, m.noise.level) {
+        (Some(spec), Some(level)) => println!("  noise: {spec} (level {level})"),
+        (None, _) => println!("  corruption: STR (the donors are in facts/)"),
+        (Some(_), None) => {}
     }
     println!("  output: {out}/ (facts/, traces/kind=*/, errors/, manifest.json)");
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::dataset::KnownFact;
+use common::donor::{self, Candidate};
 use common::experiment::Noise;
 use common::kinds::Geometry;
 use common::sweep::{CALIBRATION_JOB, SweepSettings, layer_ranges, trace_job_id};
@@ -94,6 +95,9 @@ pub struct Sweep {
     pub facts: Vec<KnownFact>,
     /// Every valid subject of the dataset: ROME measures the `sK` level over all of them.
     pub subjects: Vec<String>,
+    /// Every valid fact of the dataset, in file order (`facts` is its first part): STR
+    /// chooses donors among all of them, whatever `--limit` says.
+    pub dataset: Vec<KnownFact>,
     /// The model's name, for the `model` column.
     pub model_name: String,
     /// Where the tables go, for messages.
@@ -198,7 +202,15 @@ impl Shared {
     /// it (from the rule, or from the calibration's std for `sK`).
     pub fn noise(&self) -> Option<Noise> {
         let std = self.calibration.get().map(|c| c.std);
-        self.sweep.settings.experiment.noise().resolve(std).ok()
+        self.sweep.settings.experiment.noise()?.resolve(std).ok()
+    }
+
+    /// STR's donor candidates of fact `fact` of the sweep (none for noise).
+    pub fn candidates(&self, fact: usize) -> Vec<Candidate> {
+        match self.sweep.settings.experiment.is_str() {
+            true => donor::candidates(&self.sweep.dataset, fact),
+            false => Vec::new(),
+        }
     }
 
     /// The model's shape, once a worker has registered.
@@ -212,9 +224,13 @@ impl Shared {
             Work::Calibration => {
                 job::Work::Calibration(proto::Calibration { subjects: self.sweep.subjects.clone() })
             }
-            Work::Trace { fact, layers } => {
-                let noise = self.noise()?;
-                let fact = &self.sweep.facts[*fact];
+            Work::Trace { fact: index, layers } => {
+                // Noise waits for its level (the calibration); STR has none.
+                let noise = match self.sweep.settings.experiment.noise() {
+                    Some(_) => Some(proto::Noise::from(&self.noise()?)),
+                    None => None,
+                };
+                let fact = &self.sweep.facts[*index];
                 job::Work::Trace(proto::TraceJob {
                     fact: Some(proto::Fact {
                         known_id: fact.known_id,
@@ -225,7 +241,12 @@ impl Shared {
                     layer_start: layers.start,
                     layer_end: layers.end,
                     experiment: Some(proto::Experiment::from(&self.sweep.settings.experiment)),
-                    noise: Some(proto::Noise::from(&noise)),
+                    noise,
+                    candidates: self
+                        .candidates(*index)
+                        .iter()
+                        .map(proto::DonorCandidate::from)
+                        .collect(),
                 })
             }
         };
@@ -288,7 +309,7 @@ impl Shared {
             .n_layers
             .get()
             .map_or(1, |&n| layer_ranges(n, self.sweep.settings.layers_per_job).len() as u64);
-        let calibrates = self.sweep.settings.experiment.noise().needs_calibration();
+        let calibrates = self.sweep.settings.experiment.needs_calibration();
         let trace_jobs_ended = (c.done + c.failed).saturating_sub(u64::from(calibrates));
         let totals = self.writer.totals();
         proto::StatusReply {
@@ -476,8 +497,8 @@ fn accept_calibration(
     c: proto::CalibrationResult,
 ) -> bool {
     let std = Some(c.std).filter(|s| s.is_finite() && *s >= 0.0);
-    let level =
-        std.and_then(|std| shared.sweep.settings.experiment.noise().resolve(Some(std)).ok());
+    let rule = shared.sweep.settings.experiment.noise();
+    let level = std.and_then(|std| rule?.resolve(Some(std)).ok());
     let (Some(std), Some(noise)) = (std, level) else {
         tracing::warn!(worker, job = job_id, "refused an invalid calibration result");
         return false;
@@ -514,12 +535,14 @@ fn accept_trace(
     // Only registered workers hand in results, and the first registration set the shape.
     let Some(geometry) = shared.geometry() else { return false };
     let experiment = &shared.sweep.settings.experiment;
+    let candidates = shared.candidates(*fact);
     let ctx = JobContext {
         fact: &shared.sweep.facts[*fact],
         layers,
         experiment,
         geometry,
-        samples: experiment.noise().samples,
+        samples: experiment.samples() as u32,
+        candidates: &candidates,
         model: &shared.sweep.model_name,
     };
     let rows = match job_rows(&ctx, result) {

@@ -3,6 +3,7 @@
 //! [`common::experiment::Resolved`], a worker turns the job back into one, and every field it
 //! cannot read is an error naming the field.
 
+use common::donor::Candidate;
 use common::experiment::{
     Corruption, Direction, Experiment, Metric, Noise, NoiseCorruption, Resolved, TokenRole, Tokens,
 };
@@ -108,23 +109,28 @@ fn distribution_from(value: i32) -> Option<Distribution> {
 
 impl From<&Experiment> for pb::Experiment {
     fn from(e: &Experiment) -> Self {
-        let Corruption::Noise(n) = &e.corruption;
-        let rule = match n.noise {
-            NoiseSpec::Level(v) => pb::noise_rule::Rule::Level(v),
-            NoiseSpec::StdMultiple(k) => pb::noise_rule::Rule::StdMultiple(k),
-            NoiseSpec::Uniform(k) => pb::noise_rule::Rule::Uniform(k),
+        let corruption = match &e.corruption {
+            Corruption::Noise(n) => {
+                let rule = match n.noise {
+                    NoiseSpec::Level(v) => pb::noise_rule::Rule::Level(v),
+                    NoiseSpec::StdMultiple(k) => pb::noise_rule::Rule::StdMultiple(k),
+                    NoiseSpec::Uniform(k) => pb::noise_rule::Rule::Uniform(k),
+                };
+                pb::experiment::Corruption::Noise(pb::NoiseCorruption {
+                    rule: Some(pb::NoiseRule { rule: Some(rule) }),
+                    replace: n.replace,
+                    samples: n.samples,
+                    seed_mode: match n.seed_mode {
+                        SeedMode::Rome => pb::SeedMode::Rome,
+                        SeedMode::PerFact => pb::SeedMode::PerFact,
+                    } as i32,
+                    seed: n.seed,
+                })
+            }
+            Corruption::Str => pb::experiment::Corruption::Str(pb::Str {}),
         };
         pb::Experiment {
-            corruption: Some(pb::experiment::Corruption::Noise(pb::NoiseCorruption {
-                rule: Some(pb::NoiseRule { rule: Some(rule) }),
-                replace: n.replace,
-                samples: n.samples,
-                seed_mode: match n.seed_mode {
-                    SeedMode::Rome => pb::SeedMode::Rome,
-                    SeedMode::PerFact => pb::SeedMode::PerFact,
-                } as i32,
-                seed: n.seed,
-            })),
+            corruption: Some(corruption),
             kinds: e.kinds.iter().map(|&k| pb::Kind::from(k) as i32).collect(),
             window: e.window,
             tokens: e.tokens.0.iter().map(|&r| role_to(r) as i32).collect(),
@@ -150,18 +156,28 @@ impl From<&Experiment> for pb::Experiment {
 impl TryFrom<&pb::Experiment> for Experiment {
     type Error = FieldError;
     fn try_from(e: &pb::Experiment) -> Result<Self, FieldError> {
-        let Some(pb::experiment::Corruption::Noise(n)) = &e.corruption else {
-            return Err(bad("experiment.corruption", "missing"));
-        };
-        let rule = n
-            .rule
-            .as_ref()
-            .and_then(|r| r.rule)
-            .ok_or_else(|| bad("experiment.noise.rule", "missing"))?;
-        let noise = match rule {
-            pb::noise_rule::Rule::Level(v) => NoiseSpec::Level(v),
-            pb::noise_rule::Rule::StdMultiple(k) => NoiseSpec::StdMultiple(k),
-            pb::noise_rule::Rule::Uniform(k) => NoiseSpec::Uniform(k),
+        let corruption = match &e.corruption {
+            Some(pb::experiment::Corruption::Noise(n)) => {
+                let rule = n
+                    .rule
+                    .as_ref()
+                    .and_then(|r| r.rule)
+                    .ok_or_else(|| bad("experiment.noise.rule", "missing"))?;
+                let noise = match rule {
+                    pb::noise_rule::Rule::Level(v) => NoiseSpec::Level(v),
+                    pb::noise_rule::Rule::StdMultiple(k) => NoiseSpec::StdMultiple(k),
+                    pb::noise_rule::Rule::Uniform(k) => NoiseSpec::Uniform(k),
+                };
+                Corruption::Noise(NoiseCorruption {
+                    noise,
+                    replace: n.replace,
+                    samples: n.samples,
+                    seed_mode: known("experiment.noise.seed_mode", n.seed_mode, seed_mode_from)?,
+                    seed: n.seed,
+                })
+            }
+            Some(pb::experiment::Corruption::Str(_)) => Corruption::Str,
+            None => return Err(bad("experiment.corruption", "missing")),
         };
         let kinds = e
             .kinds
@@ -190,13 +206,7 @@ impl TryFrom<&pb::Experiment> for Experiment {
             }
         })?;
         Ok(Experiment {
-            corruption: Corruption::Noise(NoiseCorruption {
-                noise,
-                replace: n.replace,
-                samples: n.samples,
-                seed_mode: known("experiment.noise.seed_mode", n.seed_mode, seed_mode_from)?,
-                seed: n.seed,
-            }),
+            corruption,
             kinds,
             window: e.window,
             tokens: Tokens(tokens),
@@ -234,10 +244,31 @@ impl TryFrom<&pb::Noise> for Noise {
 /// The resolved experiment a trace job carries, checked (`Resolved::new`).
 pub fn resolved(job: &pb::TraceJob) -> Result<Resolved, FieldError> {
     let experiment = job.experiment.as_ref().ok_or_else(|| bad("experiment", "missing"))?;
-    let noise = job.noise.as_ref().ok_or_else(|| bad("noise", "missing"))?;
     let experiment = Experiment::try_from(experiment)?;
-    let noise = Noise::try_from(noise)?;
+    let noise = job.noise.as_ref().map(Noise::try_from).transpose()?;
     Resolved::new(experiment, noise).map_err(|e| bad("experiment", e.to_string()))
+}
+
+/// STR's donor candidates a trace job carries.
+pub fn candidates(job: &pb::TraceJob) -> Vec<Candidate> {
+    job.candidates
+        .iter()
+        .map(|c| Candidate {
+            known_id: c.known_id,
+            subject: c.subject.clone(),
+            attribute: c.attribute.clone(),
+        })
+        .collect()
+}
+
+impl From<&Candidate> for pb::DonorCandidate {
+    fn from(c: &Candidate) -> Self {
+        pb::DonorCandidate {
+            known_id: c.known_id,
+            subject: c.subject.clone(),
+            attribute: c.attribute.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -249,7 +280,7 @@ mod tests {
         let mut e = Experiment::rome();
         e.kinds = Kind::ALL.to_vec();
         e.tokens = Tokens(vec![TokenRole::LastSubject, TokenRole::Last]);
-        let Corruption::Noise(n) = &mut e.corruption;
+        let Corruption::Noise(n) = &mut e.corruption else { panic!("noise") };
         n.seed_mode = SeedMode::PerFact;
         n.seed = 7;
         let noise = Noise { level: 0.3, distribution: Distribution::Normal, replace: false };
@@ -260,7 +291,23 @@ mod tests {
         };
         let back = resolved(&job).expect("resolved");
         assert_eq!(back.experiment, e);
-        assert_eq!(back.noise, noise);
+        assert_eq!(back.noise, Some(noise));
+        // STR: no noise, and the candidates travel in order.
+        let str = Experiment { corruption: Corruption::Str, ..Experiment::rome() };
+        let pool = vec![
+            Candidate { known_id: 4, subject: "Lyon".into(), attribute: "France".into() },
+            Candidate { known_id: 1, subject: "Oslo".into(), attribute: "Norway".into() },
+        ];
+        let job = pb::TraceJob {
+            experiment: Some(pb::Experiment::from(&str)),
+            candidates: pool.iter().map(pb::DonorCandidate::from).collect(),
+            ..pb::TraceJob::default()
+        };
+        let back = resolved(&job).expect("resolved");
+        assert_eq!((back.experiment, back.noise), (str, None));
+        assert_eq!(candidates(&job), pool);
+        let with_noise = pb::TraceJob { noise: Some(pb::Noise::from(&noise)), ..job };
+        assert_eq!(resolved(&with_noise).expect_err("STR has no noise").field, "experiment");
     }
 
     #[test]

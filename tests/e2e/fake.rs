@@ -59,7 +59,8 @@ pub fn fake_result(job: &proto::TraceJob) -> proto::TraceResult {
         low_score: 0.1,
         correct: Some(true),
         traced: true,
-        noise_level: 0.1,
+        noise_level: Some(0.1),
+        donor: None,
         scores,
     }
 }

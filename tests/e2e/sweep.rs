@@ -124,7 +124,7 @@ fn two_workers_write_every_row_once_with_worker_trace_scores() {
             &["--correctness", "none", "--samples", "3", "--window", "3"],
             &knowns_file,
         );
-        assert_eq!(trace["noise_level"].as_f64(), Some(fact.noise_level), "same calibrated level");
+        assert_eq!(trace["noise_level"].as_f64(), fact.noise_level, "same calibrated level");
         assert!(
             (trace["low_score"].as_f64().expect("low") as f32 - fact.low_score).abs()
                 <= SCORE_TOLERANCE

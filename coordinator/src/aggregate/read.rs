@@ -70,12 +70,15 @@ pub async fn read_sweep(at: &Location) -> anyhow::Result<SweepTables> {
         Err(_) => None,
     };
     let schema = manifest.as_ref().map(|m| m["settings"]["schema"].as_u64().unwrap_or(1));
-    if let Some(found) = schema.filter(|&s| s != u64::from(common::sweep::SCHEMA)) {
+    let readable = common::sweep::READABLE;
+    let known = |s: u64| u32::try_from(s).is_ok_and(|s| readable.contains(&s));
+    if let Some(found) = schema.filter(|&s| !known(s)) {
         bail!(
-            "{} holds a sweep of table schema {found}; this coordinator reads schema {}: \
-             aggregate it with the version that wrote it",
+            "{} holds a sweep of table schema {found}; this coordinator reads schemas {} to \
+             {}: aggregate it with the version that wrote it",
             at.display,
-            common::sweep::SCHEMA
+            readable.start(),
+            readable.end()
         );
     }
     let facts = read_table(at, "facts", read_facts).await?;

@@ -17,6 +17,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use common::dataset::read_knowns_file;
+use common::donor::candidates;
 use common::experiment::Resolved;
 use common::flags::ExperimentFlags;
 use worker::cli::ModelArgs;
@@ -82,18 +83,23 @@ fn main() -> anyhow::Result<()> {
     let knowns = read_knowns_file(&args.knowns)?;
     let subjects: Vec<&str> = knowns.facts.iter().map(|f| f.subject.as_str()).collect();
     let experiment = args.experiment.experiment()?;
-    let rule = *experiment.noise();
-    let std = match rule.needs_calibration() {
-        true => Some(embedding_std(&loaded.model, tokenizer, &subjects)?),
-        false => None,
+    let noise = match experiment.noise() {
+        Some(rule) => {
+            let std = match rule.needs_calibration() {
+                true => Some(embedding_std(&loaded.model, tokenizer, &subjects)?),
+                false => None,
+            };
+            Some(rule.resolve(std)?)
+        }
+        None => None,
     };
-    let exp = Resolved::new(experiment, rule.resolve(std)?)?;
+    let exp = Resolved::new(experiment, noise)?;
     let opts = TraceOptions::default();
     let cost = model_cost(&loaded.model);
 
     println!(
         "threads {threads}, noise level {:.4}; GEMM: candle's f32 2048^3 rate, measured just before and after each fast trace",
-        exp.noise.level
+        exp.noise_level()
     );
     let columns = [
         "fact",
@@ -123,7 +129,7 @@ fn main() -> anyhow::Result<()> {
     };
     let (mut efficiencies, mut fast_shares, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut done = 0;
-    for fact in &knowns.facts {
+    for (i, fact) in knowns.facts.iter().enumerate() {
         if done == args.facts {
             break;
         }
@@ -135,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             prompt: &fact.prompt,
             subject: &fact.subject,
             expect: Some(&fact.attribute),
+            candidates: &candidates(&knowns.facts, i),
         };
         let gemm_before = gemm_gflops()?;
         let start = Instant::now();

@@ -6,6 +6,7 @@ use std::path::{Path as FsPath, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use common::dataset::{KnownFact, read_knowns_file};
+use common::donor::{Candidate, candidates};
 use common::experiment::Resolved;
 use common::flags::ExperimentFlags;
 
@@ -81,11 +82,13 @@ fn subjects_std(loaded: &LoadedModel, knowns: &FsPath) -> anyhow::Result<f64> {
     Ok(embedding_std(&loaded.model, loaded.tokenizer()?, &subjects)?)
 }
 
-/// The fact `known_id` of a knowns file, or an error that says why it cannot be traced.
-fn known_fact(path: &FsPath, known_id: u64) -> anyhow::Result<KnownFact> {
+/// The fact `known_id` of a knowns file and its STR donor candidates, or an error that says
+/// why it cannot be traced.
+fn known_fact(path: &FsPath, known_id: u64) -> anyhow::Result<(KnownFact, Vec<Candidate>)> {
     let mut knowns = read_knowns_file(path)?;
     if let Some(i) = knowns.facts.iter().position(|f| f.known_id == known_id) {
-        return Ok(knowns.facts.swap_remove(i));
+        let candidates = candidates(&knowns.facts, i);
+        return Ok((knowns.facts.swap_remove(i), candidates));
     }
     match knowns.errors.iter().find(|e| e.known_id == Some(known_id)) {
         Some(err) => anyhow::bail!("{}: {err}", path.display()),
@@ -111,23 +114,30 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let experiment = args.experiment.experiment()?;
     let loaded = args.model.load()?;
     experiment.check_model(geometry(&loaded.model))?;
-    let rule = experiment.noise();
-    let known = match &args.knowns {
-        Some(path) => Some(known_fact(path, args.known_id.unwrap_or(0))?),
+    let (known, candidates) = match &args.knowns {
+        Some(path) => {
+            let (fact, candidates) = known_fact(path, args.known_id.unwrap_or(0))?;
+            (Some(fact), candidates)
+        }
+        None if experiment.is_str() => anyhow::bail!(
+            "--corruption str chooses a donor among the dataset's facts: give --knowns FILE --known-id N"
+        ),
+        None => (None, Vec::new()),
+    };
+    let noise = match experiment.noise() {
+        Some(rule) if rule.needs_calibration() => {
+            let path =
+                args.noise_subjects.as_deref().or(args.knowns.as_deref()).with_context(|| {
+                    format!(
+                        "--noise {} needs --noise-subjects <KNOWNS FILE> (ROME uses the dataset's subjects), or give a level such as --noise 0.1",
+                        rule.noise
+                    )
+                })?;
+            Some(rule.resolve(Some(subjects_std(&loaded, path)?))?)
+        }
+        Some(rule) => Some(rule.resolve(None)?),
         None => None,
     };
-    let std = if rule.needs_calibration() {
-        let path = args.noise_subjects.as_deref().or(args.knowns.as_deref()).with_context(|| {
-            format!(
-                "--noise {} needs --noise-subjects <KNOWNS FILE> (ROME uses the dataset's subjects), or give a level such as --noise 0.1",
-                rule.noise
-            )
-        })?;
-        Some(subjects_std(&loaded, path)?)
-    } else {
-        None
-    };
-    let noise = rule.resolve(std)?;
     let exp = Resolved::new(experiment, noise)?;
     let opts = TraceOptions { max_batch_tokens: args.max_batch_tokens, layers: None };
     let fact = match &known {
@@ -136,6 +146,7 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             prompt: &f.prompt,
             subject: &f.subject,
             expect: Some(&f.attribute),
+            candidates: &candidates,
         },
         // clap requires --prompt and --subject without --knowns.
         None => FactInput {
@@ -143,6 +154,7 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             prompt: args.prompt.as_deref().context("--prompt is required")?,
             subject: args.subject.as_deref().context("--subject is required")?,
             expect: args.expect.as_deref(),
+            candidates: &[],
         },
     };
     let path = if args.naive { Path::Naive } else { Path::Fast };
@@ -178,11 +190,18 @@ fn print_trace(trace: &FactTrace, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(out, "tokens: {:?} (subject {b}..{e})", trace.tokens)?;
     let correct = trace.correct.map_or("unchecked".into(), |c| c.to_string());
     writeln!(out, "answer: {:?} (id {}), correct: {correct}", trace.answer, trace.answer_id)?;
-    writeln!(
-        out,
-        "high_score {:.4}  low_score {:.4}  noise level {:.4}",
-        trace.high_score, trace.low_score, trace.noise_level
-    )?;
+    match &trace.donor {
+        Some(d) => writeln!(
+            out,
+            "high_score {:.4}  low_score {:.4}  donor: known_id {} ({:?}): {:?}",
+            trace.high_score, trace.low_score, d.known_id, d.subject, d.prompt
+        )?,
+        None => writeln!(
+            out,
+            "high_score {:.4}  low_score {:.4}  noise level {:.4}",
+            trace.high_score, trace.low_score, trace.noise_level
+        )?,
+    }
     if !trace.traced() {
         writeln!(out, "not traced: the model does not predict the expected attribute")?;
         return Ok(());

@@ -55,11 +55,13 @@ pub fn compute(
             let layers = job.layer_start as usize..job.layer_end as usize;
             let opts = TraceOptions { max_batch_tokens, layers: Some(layers.clone()) };
             let tokenizer = loaded.tokenizer().map_err(|e| JobError::new("trace", &e))?;
+            let candidates = proto::convert::candidates(job);
             let input = FactInput {
                 known_id: fact.known_id,
                 prompt: &fact.prompt,
                 subject: &fact.subject,
                 expect: Some(&fact.attribute),
+                candidates: &candidates,
             };
             let trace = trace_fact(&loaded.model, tokenizer, &input, &exp, &opts, Path::Fast)
                 .map_err(|e| JobError::new("trace", &e))?;
@@ -100,7 +102,13 @@ pub fn to_result(trace: &FactTrace, layers: &std::ops::Range<usize>) -> proto::T
         low_score: trace.low_score,
         correct: trace.correct,
         traced: trace.traced(),
-        noise_level: trace.noise_level,
+        noise_level: trace.noise_level.is_finite().then_some(trace.noise_level),
         scores,
+        donor: trace.donor.as_ref().map(|d| proto::Donor {
+            known_id: d.known_id,
+            subject: d.subject.clone(),
+            prompt: d.prompt.clone(),
+            foil_id: d.foil_id,
+        }),
     }
 }

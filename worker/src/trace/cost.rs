@@ -7,7 +7,6 @@
 
 use common::experiment::Experiment;
 use common::kinds::{Cell, Geometry, Plan};
-use common::settings::SeedMode;
 
 use crate::models::{Model, ModelConfig};
 
@@ -113,7 +112,7 @@ pub fn fast_flops(
     subject: (usize, usize),
 ) -> f64 {
     let (n_layers, s, g) = (cost.n_layers, exp.samples(), cost.geometry());
-    let two_draws = exp.freezes() && exp.noise().seed_mode == SeedMode::Rome;
+    let two_draws = exp.two_draws();
     let corrupted_runs = if two_draws { 2 } else { 1 };
     let mut flops = cost.forward(1, 0, t_len, n_layers, 1)
         + corrupted_runs as f64 * cost.forward(s, 0, t_len, n_layers, 1);

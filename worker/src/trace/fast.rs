@@ -29,7 +29,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::forward::{ForwardOutput, ForwardRequest, KvCache, LayerKv, Logits, Start};
-use crate::intervene::{EmbedEdit, EmbedOp, Interventions, Patch, Site};
+use crate::intervene::{EmbedEdit, Interventions, Patch, Site};
 use crate::models::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -107,7 +107,7 @@ pub fn trace(
     let prep = Prepared::new(model, tokenizer, fact, exp, opts)?;
     let (t_len, g, samples) = (prep.len(), geometry(model), e.samples());
     let (n_layers, window) = (g.n_layers, e.window as usize);
-    let (b, end) = prep.subject;
+    let b = prep.subject.0;
     let device: &Device = model.device();
     let suffix: Vec<usize> = (b..t_len).collect();
     let head_dim = model.dims().head_dim;
@@ -137,28 +137,32 @@ pub fn trace(
     // Corrupted run: S rows, keeping keys/values, the residual stream entering every layer
     // and the states the kinds freeze.
     let ids_s = ids.broadcast_as((samples, t_len))?.contiguous()?;
-    let noised = |noise: &Tensor| EmbedEdit {
-        rows: (0..samples).collect(),
-        tokens: b..end,
-        op: if exp.noise.replace { EmbedOp::Replace } else { EmbedOp::Add },
-        values: noise.clone(),
-    };
+    let corruption = prep.corrupt(model, tokenizer, fact, exp, answer_id)?;
+    let rows: Vec<usize> = (0..samples).collect();
     let traced = outcome.traced;
     // A fact that is not traced needs only its low_score.
     let frozen_sites: BTreeSet<Site> = match traced {
         true => e.kinds.iter().flat_map(|k| k.frozen(n_layers)).map(capture_site).collect(),
         false => BTreeSet::new(),
     };
-    let (corrupted, frozen) =
-        base_run(model, &ids_s, noised(&prep.noise), b, &frozen_sites, traced, answer_id)?;
+    let (corrupted, frozen) = base_run(
+        model,
+        &ids_s,
+        corruption.edit(rows.clone(), prep.subject),
+        b,
+        &frozen_sites,
+        traced,
+        answer_id,
+    )?;
     let low_score = corrupted.score;
     let frozen = States { by_site: frozen, b, head_dim };
     // The severed kinds' measured run in ROME's seed mode: the second draw.
-    let measured = match &prep.second {
-        Some(second) if traced => {
-            Some(base_run(model, &ids_s, noised(second), b, &BTreeSet::new(), true, answer_id)?.0)
+    let measured = match corruption.two_draws() && traced {
+        true => {
+            let edit = corruption.measured_edit(rows, prep.subject);
+            Some(base_run(model, &ids_s, edit, b, &BTreeSet::new(), true, answer_id)?.0)
         }
-        _ => None,
+        false => None,
     };
 
     let mut scores = BTreeMap::new();
@@ -191,7 +195,7 @@ pub fn trace(
             scores.insert(kind, table);
         }
     }
-    Ok(prep.finish(outcome, low_score, exp.noise.level, scores))
+    Ok(prep.finish(outcome, low_score, corruption, scores))
 }
 
 /// A corrupted run of S rows from the token ids: the stream entering every layer at tokens

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use candle_core::{DType, Tensor};
+use common::donor::{self, Candidate};
 use common::experiment::Resolved;
 use common::kinds::{Axis, Geometry, Kind};
 use serde::Serialize;
@@ -30,6 +31,8 @@ pub use common::settings::{Correctness, Distribution, NoiseSpec, SeedMode};
 pub use table::KindTable;
 
 use crate::error::{Error, Result};
+use crate::forward::{ForwardRequest, Logits, Start};
+use crate::intervene::{EmbedEdit, EmbedOp, Interventions, Site};
 use crate::models::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -44,6 +47,9 @@ pub struct FactInput<'a> {
     pub subject: &'a str,
     /// The expected attribute, for the correctness check.
     pub expect: Option<&'a str>,
+    /// STR's donor candidates, in the rule's order (`common::donor::candidates`); empty for
+    /// noise.
+    pub candidates: &'a [Candidate],
 }
 
 /// Which implementation computes the tables.
@@ -96,8 +102,11 @@ pub struct FactTrace {
     pub high_score: f32,
     /// Mean p(answer) over the corrupted samples.
     pub low_score: f32,
-    /// The noise level used.
+    /// The noise level used (NaN, written as null, without noise).
     pub noise_level: f64,
+    /// STR's donor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub donor: Option<DonorInfo>,
     /// Whether the model predicts the attribute (`None` without one).
     pub correct: Option<bool>,
     /// The tokens whose rows were computed (the experiment's selector); empty when the fact
@@ -107,6 +116,19 @@ pub struct FactTrace {
     pub scores: BTreeMap<Kind, KindTable>,
     /// Per kind, the axes of its table, outermost first.
     pub axes: BTreeMap<Kind, &'static [Axis]>,
+}
+
+/// The fact whose subject replaced this fact's (STR).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DonorInfo {
+    /// Its id.
+    pub known_id: u64,
+    /// Its subject.
+    pub subject: String,
+    /// The corrupted prompt: this fact's with the donor's subject.
+    pub prompt: String,
+    /// The first token of `" " + donor's attribute`: the counterfactual answer.
+    pub foil_id: u32,
 }
 
 impl FactTrace {
@@ -122,21 +144,49 @@ pub fn geometry(model: &Model) -> Geometry {
     Geometry { n_layers: dims.n_layers, n_heads: dims.n_heads }
 }
 
-/// A fact ready to run: its tokens, subject range, traced tokens and noise.
+/// A fact ready to run: its tokens, subject range and traced tokens.
 pub(crate) struct Prepared {
     pub(crate) ids: Vec<u32>,
     pub(crate) tokens: Vec<String>,
     pub(crate) subject: (usize, usize),
     /// The experiment's token selector applied to this prompt.
     pub(crate) traced_tokens: Vec<usize>,
-    /// The corrupted run's noise, `(S, e - b, d)` in f64, already multiplied by the level:
-    /// the stream's first `S × (e − b) × d` values. It gives `low_score`, and the severed
-    /// kinds freeze states at the values of the run it corrupts.
-    pub(crate) noise: Tensor,
+}
+
+/// How the corrupted run changes the subject's embeddings: noise, or the donor's (§3).
+pub(crate) struct Corrupted {
+    /// `(S, e − b, d)`: the noise (f64, already multiplied by the level: the stream's first
+    /// `S × (e − b) × d` values), or the donor's embeddings (S = 1). It gives `low_score`,
+    /// and the severed kinds freeze states at the values of the run it corrupts.
+    values: Tensor,
     /// The noise of the severed kinds' measured run in ROME's seed mode: the stream's next
     /// `S × (e − b) × d` values (`trace_with_repatch` draws twice from one `RandomState(1)`).
-    /// `None` in per-fact mode, where the measured run is the corrupted run itself.
-    pub(crate) second: Option<Tensor>,
+    /// `None` otherwise, where the measured run is the corrupted run itself.
+    second: Option<Tensor>,
+    op: EmbedOp,
+    noise_level: f64,
+    donor: Option<DonorInfo>,
+}
+
+impl Corrupted {
+    /// The corrupted run's edit of `rows`.
+    pub(crate) fn edit(&self, rows: Vec<usize>, subject: (usize, usize)) -> EmbedEdit {
+        self.edit_with(rows, subject, &self.values)
+    }
+
+    /// The edit of the runs whose states are measured while others are frozen.
+    pub(crate) fn measured_edit(&self, rows: Vec<usize>, subject: (usize, usize)) -> EmbedEdit {
+        self.edit_with(rows, subject, self.second.as_ref().unwrap_or(&self.values))
+    }
+
+    /// Whether the measured run differs from the corrupted one (ROME's two draws).
+    pub(crate) fn two_draws(&self) -> bool {
+        self.second.is_some()
+    }
+
+    fn edit_with(&self, rows: Vec<usize>, subject: (usize, usize), values: &Tensor) -> EmbedEdit {
+        EmbedEdit { rows, tokens: subject.0..subject.1, op: self.op, values: values.clone() }
+    }
 }
 
 impl Prepared {
@@ -170,29 +220,94 @@ impl Prepared {
             ))
         })?;
         let traced_tokens = e.tokens.select(subject, ids.len());
-        let corruption = e.noise();
-        let (samples, width, d) = (e.samples(), subject.1 - subject.0, model.dims().d_model);
-        let n = samples * width * d;
-        let two_draws = e.freezes() && corruption.seed_mode == SeedMode::Rome;
-        let seed = noise::fact_seed(corruption.seed_mode, corruption.seed, fact.known_id);
-        let unit = noise::draw(seed, exp.noise.distribution, if two_draws { 2 * n } else { n });
-        // ROME's noise_fn(x) = level * x, in f64.
-        let scaled = |values: &[f64]| -> Result<Tensor> {
-            let v: Vec<f64> = values.iter().map(|x| exp.noise.level * x).collect();
-            Ok(Tensor::from_vec(v, (samples, width, d), model.device())?)
-        };
-        let noise = scaled(&unit[..n])?;
-        let second = if two_draws { Some(scaled(&unit[n..])?) } else { None };
-        Ok(Self { ids, tokens, subject, traced_tokens, noise, second })
+        Ok(Self { ids, tokens, subject, traced_tokens })
     }
 
     pub(crate) fn len(&self) -> usize {
         self.ids.len()
     }
 
-    /// The noise of the runs whose states are measured while others are frozen.
-    pub(crate) fn measured_noise(&self) -> &Tensor {
-        self.second.as_ref().unwrap_or(&self.noise)
+    /// The corrupted run's change to the subject's embeddings. STR's donor depends on the
+    /// clean run's answer; the noise depends on the fact only.
+    pub(crate) fn corrupt(
+        &self,
+        model: &Model,
+        tokenizer: &Tokenizer,
+        fact: &FactInput<'_>,
+        exp: &Resolved,
+        answer_id: u32,
+    ) -> Result<Corrupted> {
+        let e = &exp.experiment;
+        let (width, d) = (self.subject.1 - self.subject.0, model.dims().d_model);
+        let (Some(corruption), Some(level)) = (e.noise(), exp.noise) else {
+            return self.donate(model, tokenizer, fact, answer_id);
+        };
+        let samples = e.samples();
+        let n = samples * width * d;
+        let seed = noise::fact_seed(corruption.seed_mode, corruption.seed, fact.known_id);
+        let two_draws = e.two_draws();
+        let unit = noise::draw(seed, level.distribution, if two_draws { 2 * n } else { n });
+        // ROME's noise_fn(x) = level * x, in f64.
+        let scaled = |values: &[f64]| -> Result<Tensor> {
+            let v: Vec<f64> = values.iter().map(|x| level.level * x).collect();
+            Ok(Tensor::from_vec(v, (samples, width, d), model.device())?)
+        };
+        Ok(Corrupted {
+            values: scaled(&unit[..n])?,
+            second: if two_draws { Some(scaled(&unit[n..])?) } else { None },
+            op: if level.replace { EmbedOp::Replace } else { EmbedOp::Add },
+            noise_level: level.level,
+            donor: None,
+        })
+    }
+
+    /// STR: the donor's subject embeddings in place of this fact's (the donor's prompt has
+    /// this prompt's tokens outside the subject, so the run is the donor prompt's).
+    fn donate(
+        &self,
+        model: &Model,
+        tokenizer: &Tokenizer,
+        fact: &FactInput<'_>,
+        answer_id: u32,
+    ) -> Result<Corrupted> {
+        let (b, e) = self.subject;
+        let attribute = fact.expect.ok_or_else(|| {
+            Error::Trace(
+                "--corruption str needs the fact's attribute (its donor's must differ)".into(),
+            )
+        })?;
+        let recipient = donor::Recipient {
+            prompt: fact.prompt,
+            subject: fact.subject,
+            attribute,
+            ids: &self.ids,
+            range: self.subject,
+            answer_id,
+        };
+        let chosen = donor::choose(tokenizer, &recipient, fact.candidates)?
+            .map_err(|why| Error::Trace(format!("--corruption str: {why}")))?;
+        let ids = Tensor::new(chosen.ids.as_slice(), model.device())?.unsqueeze(0)?;
+        let mut iv = Interventions::none();
+        let slot = iv.capture(Site::Embed, (b..e).collect());
+        let req = ForwardRequest {
+            start: Start::Tokens(&ids),
+            interventions: &iv,
+            logits: Logits::None,
+            keep_kv: false,
+        };
+        let values = model.forward(&req)?.captures.swap_remove(slot);
+        Ok(Corrupted {
+            values,
+            second: None,
+            op: EmbedOp::Replace,
+            noise_level: f64::NAN,
+            donor: Some(DonorInfo {
+                known_id: chosen.candidate.known_id,
+                subject: chosen.candidate.subject,
+                prompt: chosen.prompt,
+                foil_id: chosen.foil_id,
+            }),
+        })
     }
 
     /// The trace of this fact.
@@ -200,7 +315,7 @@ impl Prepared {
         self,
         outcome: Outcome,
         low_score: f32,
-        noise_level: f64,
+        corrupted: Corrupted,
         scores: BTreeMap<Kind, KindTable>,
     ) -> FactTrace {
         let axes = scores.keys().map(|&k| (k, k.axes())).collect();
@@ -213,7 +328,8 @@ impl Prepared {
             answer_id: outcome.answer_id,
             high_score: outcome.high_score,
             low_score,
-            noise_level,
+            noise_level: corrupted.noise_level,
+            donor: corrupted.donor,
             correct: outcome.correct,
             traced_tokens,
             scores,

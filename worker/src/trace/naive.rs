@@ -17,7 +17,7 @@ use super::{
 };
 use crate::error::Result;
 use crate::forward::{ForwardRequest, Logits, Start};
-use crate::intervene::{EmbedEdit, EmbedOp, Interventions, Patch, RowCopy, Site};
+use crate::intervene::{EmbedEdit, Interventions, Patch, RowCopy, Site};
 use crate::models::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -46,17 +46,12 @@ pub fn trace(
     let outcome = Outcome::new(tokenizer, fact, e.correctness, &probs)?;
     let (answer_id, traced) = (outcome.answer_id, outcome.traced);
 
-    let (b, end) = prep.subject;
-    let noised = |noise: &Tensor| EmbedEdit {
-        rows: (1..rows).collect(),
-        tokens: b..end,
-        op: if exp.noise.replace { EmbedOp::Replace } else { EmbedOp::Add },
-        values: noise.clone(),
-    };
+    let corrupted = prep.corrupt(model, tokenizer, fact, exp, answer_id)?;
+    let noised = || corrupted.edit((1..rows).collect(), prep.subject);
     let score = |logits: &Tensor| -> Result<f32> {
         Ok(mean(&answer_probs(&logits.narrow(0, 1, rows - 1)?, answer_id)?))
     };
-    let low_score = score(&run(model, &ids, with_noise(noised(&prep.noise)))?.0)?;
+    let low_score = score(&run(model, &ids, with_noise(noised()))?.0)?;
 
     let mut scores = BTreeMap::new();
     if traced {
@@ -82,18 +77,19 @@ pub fn trace(
                         .collect();
                     // A kind that freezes states measures the second draw in ROME's seed
                     // mode (`trace_with_repatch`'s second pass); the others the first.
-                    let measured =
-                        if kind.freezes().is_some() { prep.measured_noise() } else { &prep.noise };
-                    let mut iv = with_noise(noised(measured));
+                    let mut iv = with_noise(match kind.freezes() {
+                        Some(_) => corrupted.measured_edit((1..rows).collect(), prep.subject),
+                        None => noised(),
+                    });
                     iv.copies = copies;
-                    iv.patches = frozen(model, &ids, kind, t, rows, &noised(&prep.noise))?;
+                    iv.patches = frozen(model, &ids, kind, t, rows, &noised())?;
                     table.set(cell, score(&run(model, &ids, iv)?.0)?);
                 }
             }
             scores.insert(kind, table);
         }
     }
-    Ok(prep.finish(outcome, low_score, exp.noise.level, scores))
+    Ok(prep.finish(outcome, low_score, corrupted, scores))
 }
 
 /// `trace_with_repatch`'s first pass for a kind that freezes states: the corrupted run (rows

@@ -37,6 +37,7 @@ fn input(fact: &serde_json::Value) -> FactInput<'_> {
         prompt: s("prompt"),
         subject: s("subject"),
         expect: Some(s("attribute")),
+        candidates: &[],
     }
 }
 
@@ -51,7 +52,7 @@ fn rome(
     let experiment =
         Experiment { kinds: kinds.to_vec(), tokens, correctness, ..Experiment::rome() };
     let noise = Noise { level, distribution: Distribution::Normal, replace: false };
-    Resolved::new(experiment, noise).expect("ROME's experiment")
+    Resolved::new(experiment, Some(noise)).expect("ROME's experiment")
 }
 
 #[test]

@@ -27,7 +27,7 @@ pub fn experiment(
 ) -> Resolved {
     let mut e = Experiment { kinds: kinds.to_vec(), window: 2, ..Experiment::rome() };
     e.correctness = Correctness::None;
-    let Corruption::Noise(n) = &mut e.corruption;
+    let Corruption::Noise(n) = &mut e.corruption else { panic!("noise") };
     n.noise = match distribution {
         Distribution::Normal => NoiseSpec::Level(level),
         Distribution::Uniform => NoiseSpec::Uniform(level),
@@ -36,12 +36,12 @@ pub fn experiment(
     n.samples = 4;
     n.seed_mode = seed_mode;
     n.seed = if seed_mode == SeedMode::PerFact { 99 } else { 0 };
-    Resolved::new(e, Noise { level, distribution, replace }).expect("a valid experiment")
+    Resolved::new(e, Some(Noise { level, distribution, replace })).expect("a valid experiment")
 }
 
 /// Compares every number of two traces; NaN cells of `naive` (not computed) are skipped.
 /// Returns the cells compared.
-fn assert_same(what: &str, naive: &FactTrace, fast: &FactTrace) -> usize {
+pub fn assert_same(what: &str, naive: &FactTrace, fast: &FactTrace) -> usize {
     assert_eq!(naive.tokens, fast.tokens, "{what}: tokens");
     assert_eq!(naive.subject_range, fast.subject_range, "{what}: subject range");
     assert_eq!(naive.answer_id, fast.answer_id, "{what}: answer");
@@ -76,6 +76,7 @@ fn fast_equals_naive_on_tiny_models() {
         // Within reach of the last token through Mistral's window of 4 over 3 layers.
         subject: "owned",
         expect: None,
+        candidates: &[],
     };
     let all = Kind::ALL;
     let cases = [
@@ -138,6 +139,7 @@ fn severed_no_ops_score_the_measured_run() {
         prompt: "The Space Needle is in",
         subject: "Needle",
         expect: None,
+        candidates: &[],
     };
     let opts = TraceOptions::default();
     for mode in [SeedMode::Rome, SeedMode::PerFact] {
@@ -169,6 +171,7 @@ fn batch_bound_does_not_change_scores() {
         prompt: "The Space Needle is in",
         subject: "Space Needle",
         expect: None,
+        candidates: &[],
     };
     let exp = experiment(&Kind::ALL, 1.0, Distribution::Normal, false, SeedMode::Rome);
     let big = trace_fact(&loaded.model, tok, &fact, &exp, &TraceOptions::default(), Path::Fast)
@@ -189,6 +192,7 @@ fn token_selectors_and_layer_ranges_compute_their_share() {
         prompt: "Apple A5 was created by",
         subject: "Apple",
         expect: None,
+        candidates: &[],
     };
     let mut exp = experiment(&Kind::ALL, 1.0, Distribution::Normal, false, SeedMode::Rome);
     let opts = TraceOptions::default();
@@ -225,12 +229,14 @@ fn fast_equals_naive_on_smollm2() {
             prompt: "Joseph Goebbels worked in the city of",
             subject: "Joseph Goebbels",
             expect: Some("Berlin"),
+            candidates: &[],
         },
         FactInput {
             known_id: 1000,
             prompt: "Apple A5 was created by",
             subject: "Apple A5",
             expect: Some("Apple"),
+            candidates: &[],
         },
     ];
     let n_layers = loaded.model.dims().n_layers;
@@ -244,7 +250,7 @@ fn fast_equals_naive_on_smollm2() {
             (Distribution::Uniform, SeedMode::PerFact)
         };
         let mut exp = experiment(&Kind::ALL, 0.15, distribution, false, mode);
-        let Corruption::Noise(n) = &mut exp.experiment.corruption;
+        let Corruption::Noise(n) = &mut exp.experiment.corruption else { panic!("noise") };
         n.samples = 3;
         exp.experiment.window = 10;
         let fast = trace_fact(&loaded.model, tok, fact, &exp, &opts, Path::Fast).expect("fast");
