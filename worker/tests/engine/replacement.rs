@@ -13,7 +13,7 @@ use worker::forward::Logits;
 use worker::trace::naive;
 use worker::trace::{Correctness, FactInput, Path, TraceOptions, trace_fact};
 
-use crate::trace::assert_same;
+use crate::trace::{assert_same, sample_cells};
 use crate::util::{ids, knowns_path, logits, smollm2};
 
 fn str_experiment(kinds: &[Kind]) -> Resolved {
@@ -102,18 +102,7 @@ fn fast_equals_naive_under_str() {
         let fast = trace_fact(&loaded.model, tok, &fact, &exp, &opts, Path::Fast).expect("fast");
         let t_len = fast.tokens.len();
         let (b, e) = fast.subject_range;
-        let mut cells = vec![
-            (0, 0),
-            (b, 0),
-            (e - 1, 3),
-            (e - 1, n_layers / 2),
-            (e, 7),
-            (t_len - 1, 0),
-            (t_len - 1, n_layers - 1),
-            (t_len - 2, n_layers - 1),
-        ];
-        cells.sort_unstable();
-        cells.dedup();
+        let cells = sample_cells(t_len, (b, e), n_layers);
         let naive =
             naive::trace(&loaded.model, tok, &fact, &exp, &opts, Some(&cells[..])).expect("naive");
         assert_eq!(assert_same(fact.prompt, &naive, &fast), cells.len() * kinds.len());

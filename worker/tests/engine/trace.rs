@@ -256,18 +256,7 @@ fn fast_equals_naive_on_smollm2() {
         let fast = trace_fact(&loaded.model, tok, fact, &exp, &opts, Path::Fast).expect("fast");
         let t_len = fast.tokens.len();
         let (b, e) = fast.subject_range;
-        let mut cells: Vec<(usize, usize)> = vec![
-            (0, 0),
-            (b, 0),
-            (e - 1, 3),
-            (e - 1, n_layers / 2),
-            (e, 7),
-            (t_len - 1, 0),
-            (t_len - 1, n_layers - 1),
-            (t_len - 2, n_layers - 1),
-        ];
-        cells.sort_unstable();
-        cells.dedup();
+        let cells = sample_cells(t_len, (b, e), n_layers);
         let without_heads: Vec<Kind> = Kind::ALL.into_iter().filter(|k| !k.has_heads()).collect();
         exp.experiment.kinds = without_heads;
         let naive =
@@ -285,6 +274,25 @@ fn fast_equals_naive_on_smollm2() {
         assert_eq!(n, 3 * loaded.model.dims().n_heads);
         assert_eq!(fast.correct, Some(true), "{}", fact.prompt);
     }
+}
+
+/// (token, layer) cells in every region of a fact's table, for a naive check of a real
+/// model (its full naive trace takes minutes): before and at the subject, after it, the
+/// last tokens, the first and last layers.
+pub fn sample_cells(t_len: usize, (b, e): (usize, usize), n_layers: usize) -> Vec<(usize, usize)> {
+    let mut cells = vec![
+        (0, 0),
+        (b, 0),
+        (e - 1, 3),
+        (e - 1, n_layers / 2),
+        (e.min(t_len - 1), 7),
+        (t_len - 1, 0),
+        (t_len - 1, n_layers - 1),
+        (t_len.saturating_sub(2), n_layers - 1),
+    ];
+    cells.sort_unstable();
+    cells.dedup();
+    cells
 }
 
 fn fast_without_heads(fast: &FactTrace) -> FactTrace {
