@@ -390,11 +390,6 @@ impl Resolved {
         }
         Ok(Self { experiment, noise })
     }
-
-    /// The noise level, NaN without noise (what the `facts` table records).
-    pub fn noise_level(&self) -> f64 {
-        self.noise.map_or(f64::NAN, |n| n.level)
-    }
 }
 
 impl TokenRole {
@@ -543,7 +538,7 @@ mod tests {
         Resolved::new(fixed, Some(Noise { level: 0.1, ..noise })).expect("the level");
         let str = with(|e| e.corruption = Corruption::Str);
         assert!(Resolved::new(str.clone(), Some(noise)).is_err(), "STR has no noise");
-        assert!(Resolved::new(str, None).expect("STR").noise_level().is_nan());
+        assert!(Resolved::new(str, None).expect("STR").noise.is_none());
     }
 
     #[test]

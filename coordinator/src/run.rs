@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use common::dataset::KnownFact;
 use common::dataset_formats::parse_knowns;
+use common::donor::Relations;
 use common::experiment::Experiment;
 use common::fingerprint::model_fingerprint;
 use common::retry::retry;
@@ -366,6 +367,11 @@ fn shared_state(
     replayed: &Replayed,
     started: Instant,
 ) -> Shared {
+    // STR's donor candidates come from every fact of the dataset; noise needs no index.
+    let relations = match settings.experiment.is_str() {
+        true => Relations::new(&inputs.dataset),
+        false => Relations::default(),
+    };
     Shared {
         sweep: Sweep {
             id,
@@ -373,6 +379,7 @@ fn shared_state(
             facts: inputs.facts.clone(),
             subjects: inputs.subjects.clone(),
             dataset: inputs.dataset.clone(),
+            relations,
             model_name: model_name(&args.model),
             out_display: out.display.clone(),
         },

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::dataset::KnownFact;
-use common::donor::{self, Candidate};
+use common::donor::{Candidate, Relations};
 use common::experiment::Noise;
 use common::kinds::Geometry;
 use common::sweep::{CALIBRATION_JOB, SweepSettings, layer_ranges, trace_job_id};
@@ -98,6 +98,8 @@ pub struct Sweep {
     /// Every valid fact of the dataset, in file order (`facts` is its first part): STR
     /// chooses donors among all of them, whatever `--limit` says.
     pub dataset: Vec<KnownFact>,
+    /// `dataset`'s facts by relation (empty unless the corruption is STR).
+    pub relations: Relations,
     /// The model's name, for the `model` column.
     pub model_name: String,
     /// Where the tables go, for messages.
@@ -207,10 +209,7 @@ impl Shared {
 
     /// STR's donor candidates of fact `fact` of the sweep (none for noise).
     pub fn candidates(&self, fact: usize) -> Vec<Candidate> {
-        match self.sweep.settings.experiment.is_str() {
-            true => donor::candidates(&self.sweep.dataset, fact),
-            false => Vec::new(),
-        }
+        self.sweep.relations.candidates(&self.sweep.dataset, fact)
     }
 
     /// The model's shape, once a worker has registered.

@@ -17,7 +17,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use common::dataset::read_knowns_file;
-use common::donor::candidates;
+use common::donor::Relations;
 use common::experiment::Resolved;
 use common::flags::ExperimentFlags;
 use worker::cli::ModelArgs;
@@ -97,9 +97,9 @@ fn main() -> anyhow::Result<()> {
     let opts = TraceOptions::default();
     let cost = model_cost(&loaded.model);
 
+    let corruption = exp.noise.map_or("STR".into(), |n| format!("noise level {:.4}", n.level));
     println!(
-        "threads {threads}, noise level {:.4}; GEMM: candle's f32 2048^3 rate, measured just before and after each fast trace",
-        exp.noise_level()
+        "threads {threads}, {corruption}; GEMM: candle's f32 2048^3 rate, measured just before and after each fast trace"
     );
     let columns = [
         "fact",
@@ -129,6 +129,7 @@ fn main() -> anyhow::Result<()> {
     };
     let (mut efficiencies, mut fast_shares, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut done = 0;
+    let relations = Relations::new(&knowns.facts);
     for (i, fact) in knowns.facts.iter().enumerate() {
         if done == args.facts {
             break;
@@ -141,7 +142,7 @@ fn main() -> anyhow::Result<()> {
             prompt: &fact.prompt,
             subject: &fact.subject,
             expect: Some(&fact.attribute),
-            candidates: &candidates(&knowns.facts, i),
+            candidates: &relations.candidates(&knowns.facts, i),
         };
         let gemm_before = gemm_gflops()?;
         let start = Instant::now();

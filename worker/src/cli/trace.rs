@@ -199,7 +199,9 @@ fn print_trace(trace: &FactTrace, out: &mut dyn Write) -> anyhow::Result<()> {
         None => writeln!(
             out,
             "high_score {:.4}  low_score {:.4}  noise level {:.4}",
-            trace.high_score, trace.low_score, trace.noise_level
+            trace.high_score,
+            trace.low_score,
+            trace.noise_level.unwrap_or(f64::NAN)
         )?,
     }
     if !trace.traced() {

@@ -102,7 +102,7 @@ pub fn to_result(trace: &FactTrace, layers: &std::ops::Range<usize>) -> proto::T
         low_score: trace.low_score,
         correct: trace.correct,
         traced: trace.traced(),
-        noise_level: trace.noise_level.is_finite().then_some(trace.noise_level),
+        noise_level: trace.noise_level,
         scores,
         donor: trace.donor.as_ref().map(|d| proto::Donor {
             known_id: d.known_id,

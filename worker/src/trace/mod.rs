@@ -102,8 +102,8 @@ pub struct FactTrace {
     pub high_score: f32,
     /// Mean p(answer) over the corrupted samples.
     pub low_score: f32,
-    /// The noise level used (NaN, written as null, without noise).
-    pub noise_level: f64,
+    /// The noise level used; `None` (null) without noise.
+    pub noise_level: Option<f64>,
     /// STR's donor.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub donor: Option<DonorInfo>,
@@ -164,7 +164,7 @@ pub(crate) struct Corrupted {
     /// `None` otherwise, where the measured run is the corrupted run itself.
     second: Option<Tensor>,
     op: EmbedOp,
-    noise_level: f64,
+    noise_level: Option<f64>,
     donor: Option<DonorInfo>,
 }
 
@@ -256,7 +256,7 @@ impl Prepared {
             values: scaled(&unit[..n])?,
             second: if two_draws { Some(scaled(&unit[n..])?) } else { None },
             op: if level.replace { EmbedOp::Replace } else { EmbedOp::Add },
-            noise_level: level.level,
+            noise_level: Some(level.level),
             donor: None,
         })
     }
@@ -300,7 +300,7 @@ impl Prepared {
             values,
             second: None,
             op: EmbedOp::Replace,
-            noise_level: f64::NAN,
+            noise_level: None,
             donor: Some(DonorInfo {
                 known_id: chosen.candidate.known_id,
                 subject: chosen.candidate.subject,

@@ -63,7 +63,7 @@ fn the_corrupted_run_is_the_donor_prompt() {
         let trace = trace_fact(&loaded.model, tok, &input(&fact, &pool), &exp, &opts, Path::Fast)
             .expect("trace");
         let donor = trace.donor.as_ref().expect("a donor");
-        assert!(trace.noise_level.is_nan(), "no noise");
+        assert!(trace.noise_level.is_none(), "no noise");
         let donor_ids = tok.encode(&donor.prompt).expect("encode");
         assert_eq!(donor_ids.len(), trace.token_ids.len());
         let z = logits(&loaded.model, &ids(&[donor_ids]), Logits::Last);
