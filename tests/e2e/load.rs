@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e::{Proc, args, bin, free_port, manifest, read_tables, sweep_dir};
+use e2e::{Proc, bin, free_port, manifest, read_tables, run_args, sweep_dir};
 use fake::{LAYERS, fake_result, fake_score};
 
 #[path = "fake.rs"]
@@ -98,31 +98,29 @@ fn two_hundred_workers_twenty_thousand_jobs_every_row_once() {
     let (dataset, model) = fake::dataset_and_model(tmp.path(), FACTS);
     let out = tmp.path().join("out");
     let port = free_port();
-    let run = args(&[
-        "run",
-        "--knowns",
-        dataset.to_str().expect("utf8"),
-        "--model",
-        model.to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--noise",
-        "0.1",
-        "--correctness",
-        "none",
-        "--layers-per-job",
-        "1",
-        "--lease-secs",
-        "1",
-        "--max-attempts",
-        "50",
-        "--flush-secs",
-        "1",
-        "--linger-secs",
-        "3",
-    ]);
+    let run = run_args(
+        &dataset,
+        &model,
+        &out,
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--noise",
+            "0.1",
+            "--correctness",
+            "none",
+            "--layers-per-job",
+            "1",
+            "--lease-secs",
+            "1",
+            "--max-attempts",
+            "50",
+            "--flush-secs",
+            "1",
+            "--linger-secs",
+            "3",
+        ],
+    );
     let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
 
     let runtime =

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use common::kinds::Kind;
-use e2e::{Proc, args, bin, knowns_path, read_tables, smollm2_path, sweep_dir};
+use e2e::{Proc, args, bin, knowns_path, read_tables, run_args, smollm2_path, sweep_dir};
 
 /// Sweep and `worker trace` differ by the order of float sums only (see tests/e2e/sweep.rs).
 const SCORE_TOLERANCE: f64 = 1e-5;
@@ -30,23 +30,21 @@ fn an_str_sweep_records_donors_and_refuses_facts_without_one() {
     let model = smollm2_path();
     let out = tmp.path().join("out");
     let experiment = ["--corruption", "str", "--kinds", "hidden", "--tokens", "last-subject,last"];
-    let mut run = args(&[
-        "run",
-        "--knowns",
-        dataset.to_str().expect("utf8"),
-        "--model",
-        model.to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--local-workers",
-        "2",
-        "--worker-threads",
-        "1",
-        "--correctness",
-        "none",
-        "--layers-per-job",
-        "15",
-    ]);
+    let mut run = run_args(
+        &dataset,
+        &model,
+        &out,
+        &[
+            "--local-workers",
+            "2",
+            "--worker-threads",
+            "1",
+            "--correctness",
+            "none",
+            "--layers-per-job",
+            "15",
+        ],
+    );
     run.extend(args(&experiment));
     let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
     assert!(coordinator.wait(Duration::from_secs(600)).success(), "{}", coordinator.stderr());

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use e2e::{Proc, args, bin, fixture, knowns_path, manifest, read_tables, smollm2_path, sweep_dir};
+use e2e::{
+    Proc, args, bin, fixture, knowns_path, manifest, read_tables, run_args, smollm2_path, sweep_dir,
+};
 
 /// Scores of the sweep and of `worker trace` differ only by the order of float sums: a job
 /// computes a subset of a fact's layers, so its batched suffix runs have fewer rows, and the
@@ -71,31 +73,29 @@ fn two_workers_write_every_row_once_with_worker_trace_scores() {
     let out = tmp.path().join("out");
     let model = fixture("tiny/llama");
     let knowns_file = knowns_path();
-    let run = args(&[
-        "run",
-        "--knowns",
-        knowns_file.to_str().expect("utf8"),
-        "--model",
-        model.to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--local-workers",
-        "2",
-        "--worker-threads",
-        "1",
-        "--limit",
-        "24",
-        "--correctness",
-        "none",
-        "--samples",
-        "3",
-        "--window",
-        "3",
-        "--layers-per-job",
-        "2",
-        "--flush-secs",
-        "0.5",
-    ]);
+    let run = run_args(
+        &knowns_file,
+        &model,
+        &out,
+        &[
+            "--local-workers",
+            "2",
+            "--worker-threads",
+            "1",
+            "--limit",
+            "24",
+            "--correctness",
+            "none",
+            "--samples",
+            "3",
+            "--window",
+            "3",
+            "--layers-per-job",
+            "2",
+            "--flush-secs",
+            "0.5",
+        ],
+    );
     let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
     let status = coordinator.wait(Duration::from_secs(180));
     assert!(status.success(), "coordinator failed:\n{}", coordinator.stderr());
@@ -188,25 +188,23 @@ fn broken_records_become_errors_and_the_rest_is_traced() {
     let dataset = tmp.path().join("broken.jsonl");
     std::fs::write(&dataset, bytes).expect("write dataset");
     let out = tmp.path().join("out");
-    let run = args(&[
-        "run",
-        "--knowns",
-        dataset.to_str().expect("utf8"),
-        "--model",
-        fixture("tiny/llama").to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--local-workers",
-        "2",
-        "--worker-threads",
-        "1",
-        "--correctness",
-        "none",
-        "--samples",
-        "2",
-        "--window",
-        "3",
-    ]);
+    let run = run_args(
+        &dataset,
+        &fixture("tiny/llama"),
+        &out,
+        &[
+            "--local-workers",
+            "2",
+            "--worker-threads",
+            "1",
+            "--correctness",
+            "none",
+            "--samples",
+            "2",
+            "--window",
+            "3",
+        ],
+    );
     let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
     assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.stderr());
 
@@ -250,25 +248,23 @@ fn a_short_sweep_on_smollm2_matches_worker_trace() {
     std::fs::write(&dataset, serde_json::to_string(&chosen).expect("json")).expect("write");
     let model = smollm2_path();
     let out = tmp.path().join("out");
-    let run = args(&[
-        "run",
-        "--knowns",
-        dataset.to_str().expect("utf8"),
-        "--model",
-        model.to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-        "--local-workers",
-        "2",
-        "--worker-threads",
-        "1",
-        "--samples",
-        "2",
-        "--kinds",
-        "hidden,mlp",
-        "--layers-per-job",
-        "10",
-    ]);
+    let run = run_args(
+        &dataset,
+        &model,
+        &out,
+        &[
+            "--local-workers",
+            "2",
+            "--worker-threads",
+            "1",
+            "--samples",
+            "2",
+            "--kinds",
+            "hidden,mlp",
+            "--layers-per-job",
+            "10",
+        ],
+    );
     let mut coordinator = Proc::start(&bin("coordinator"), &run, tmp.path(), "coordinator");
     assert!(coordinator.wait(Duration::from_secs(600)).success(), "{}", coordinator.stderr());
 

@@ -314,17 +314,26 @@ pub fn args(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
 
+/// `coordinator run --knowns K --model M --out O` and `extra`.
+pub fn run_args(knowns: &Path, model: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let mut a = args(&["run", "--knowns"]);
+    a.extend([path(knowns), "--model".into(), path(model), "--out".into(), path(out)]);
+    a.extend(args(extra));
+    a
+}
+
 /// `coordinator run` over the first `limit` known facts on the tiny Llama fixture, with
 /// small settings (every fact traced, 2 samples, window 3, commits every 0.3 s, 3 s of
 /// linger for the workers to hear "finished"), listening on `listen`.
 pub fn tiny_sweep_args(out: &Path, listen: &str, limit: u32) -> Vec<String> {
-    let mut a = args(&["run", "--knowns"]);
-    a.push(knowns_path().display().to_string());
-    a.push("--model".into());
-    a.push(fixture("tiny/llama").display().to_string());
-    a.push("--out".into());
-    a.push(out.display().to_string());
-    a.extend(args(&["--listen", listen, "--limit", &limit.to_string()]));
+    let limit = limit.to_string();
+    let mut a = run_args(
+        &knowns_path(),
+        &fixture("tiny/llama"),
+        out,
+        &["--listen", listen, "--limit", &limit],
+    );
     a.extend(args(&["--correctness", "none", "--samples", "2", "--window", "3"]));
     a.extend(args(&["--flush-secs", "0.3", "--linger-secs", "3"]));
     a
