@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kinds::{Geometry, Kind};
+pub use crate::metric::Metric;
 use crate::rollup::category_rows;
 use crate::settings::{Correctness, Distribution, NoiseSpec, SeedMode};
 
@@ -63,20 +64,24 @@ pub struct NoiseCorruption {
     pub seed: u64,
 }
 
-/// Which run is patched (room for the next corruptions; ROME's is the only one so far).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which run is patched with which run's states (docs/science.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
-    /// ROME's: clean states restored into the corrupted run.
-    Denoise,
+    /// ROME's: the corrupted run with a cell's states restored to the clean run's.
+    Denoising,
+    /// The clean run with a cell's states replaced by the corrupted run's (sample s's in
+    /// row s); the frozen states of the severed kinds hold the clean run's values.
+    Noising,
 }
 
-/// What a restored run measures at the last position (room for the next metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    /// p(answer), ROME's score, averaged over the samples.
-    Prob,
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Denoising => "denoising",
+            Direction::Noising => "noising",
+        })
+    }
 }
 
 /// A role a token plays in its prompt (docs/science.md, "token categories").
@@ -262,8 +267,8 @@ impl Experiment {
             window: 10,
             tokens: Tokens::all(),
             correctness: Correctness::FirstToken,
-            direction: Direction::Denoise,
-            metrics: vec![Metric::Prob],
+            direction: Direction::Denoising,
+            metrics: Metric::ALL.to_vec(),
         }
     }
 
@@ -291,9 +296,17 @@ impl Experiment {
     }
 
     /// Whether the severed kinds' frozen states come from another corrupted run than the
-    /// measured one (ROME's seeding quirk, docs/science.md §4): noise in `rome` mode only.
+    /// measured one (ROME's seeding quirk, docs/science.md §4): noise in `rome` mode only,
+    /// denoising only (noising measures the clean run, and freezes its values).
     pub fn two_draws(&self) -> bool {
-        self.freezes() && self.noise().is_some_and(|n| n.seed_mode == SeedMode::Rome)
+        self.freezes()
+            && self.direction == Direction::Denoising
+            && self.noise().is_some_and(|n| n.seed_mode == SeedMode::Rome)
+    }
+
+    /// Whether restored runs patch the clean run with the corrupted run's states.
+    pub fn noising(&self) -> bool {
+        self.direction == Direction::Noising
     }
 
     /// Whether any kind freezes states at a corrupted run's values.
@@ -317,8 +330,12 @@ impl Experiment {
         if self.tokens.0.is_empty() {
             return Err(invalid("--tokens", "needs at least one token role (or all)"));
         }
-        if self.metrics.is_empty() {
-            return Err(invalid("--metrics", "needs at least one metric"));
+        // Every metric is computed and stored; the list records which, in column order.
+        if self.metrics != Metric::ALL {
+            return Err(invalid(
+                "metrics",
+                format!("must be every metric in order ({:?})", Metric::ALL),
+            ));
         }
         match &self.corruption {
             Corruption::Noise(n) => n.check(&self.kinds),

@@ -11,7 +11,7 @@ use crate::kinds::Kind;
 use crate::settings::{Correctness, NoiseSpec, SeedMode};
 
 /// `--corruption`, `--kinds`, `--samples`, `--window`, `--noise`, `--replace`, `--seed-mode`,
-/// `--seed`, `--correctness`, `--tokens`; the defaults are ROME's. [`ExperimentFlags::experiment`]
+/// `--seed`, `--correctness`, `--tokens`, `--direction`; the defaults are ROME's. [`ExperimentFlags::experiment`]
 /// is the one place they become an [`Experiment`].
 #[derive(Debug, Clone, Args)]
 pub struct ExperimentFlags {
@@ -54,6 +54,10 @@ pub struct ExperimentFlags {
     /// last-subject).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     pub tokens: Vec<TokenRole>,
+    /// denoising (ROME's: the corrupted run with one clean state restored) or noising (the
+    /// clean run with one state replaced by the corrupted run's, per sample).
+    #[arg(long, value_enum, default_value = "denoising")]
+    pub direction: Direction,
 }
 
 impl ExperimentFlags {
@@ -99,8 +103,8 @@ impl ExperimentFlags {
             window: self.window,
             tokens: Tokens(self.tokens.clone()),
             correctness: self.correctness,
-            direction: Direction::Denoise,
-            metrics: vec![Metric::Prob],
+            direction: self.direction,
+            metrics: Metric::ALL.to_vec(),
         };
         experiment.check()?;
         Ok(experiment)

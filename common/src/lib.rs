@@ -15,6 +15,7 @@ pub mod fingerprint;
 pub mod flags;
 pub mod kinds;
 pub mod lineplot;
+pub mod metric;
 pub mod plot;
 pub mod process;
 pub mod retry;

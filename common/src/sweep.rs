@@ -19,14 +19,15 @@ pub const CALIBRATION_JOB: &str = "calibration";
 /// `donor_subject`, `donor_prompt`), `noise_level` null without noise. A coordinator
 /// refuses to resume a sweep of another version (its tables would mix two schemas);
 /// `coordinator aggregate` reads [`READABLE`].
-pub const SCHEMA: u32 = 3;
+pub const SCHEMA: u32 = 4;
 
-/// The schemas `coordinator aggregate` reads: 3 adds columns to 2, and the aggregate reads
-/// none of them.
+/// The schemas `coordinator aggregate` reads: 3 and 4 add columns to 2; the aggregate needs
+/// 4's metric columns for any metric but `prob`.
 pub const READABLE: std::ops::RangeInclusive<u32> = 2..=SCHEMA;
 
 /// What schema [`SCHEMA`] changed, for the message that refuses to resume an older sweep.
-pub const SCHEMA_CHANGES: &str = "STR donors in facts, and noise_level null without noise";
+pub const SCHEMA_CHANGES: &str =
+    "every metric (prob, logprob, logit_diff, kl) of every run, the foil, and --direction";
 
 /// Everything that decides a sweep's numbers. Two runs with equal settings are one sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

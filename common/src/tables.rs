@@ -22,6 +22,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result};
 use crate::kinds::Kind;
+use crate::metric::{Metric, MetricValues};
 
 /// Where a token sits relative to the subject (docs/science.md §5). ROME's categories overlap (a
 /// one-token subject's token is both its first and last); a row carries one, by the priority
@@ -132,6 +133,15 @@ pub struct FactRow {
     pub donor_subject: Option<String>,
     /// The corrupted prompt: this fact's with the donor's subject.
     pub donor_prompt: Option<String>,
+    /// The foil of `logit_diff` (docs/science.md §5): STR's counterfactual answer, or the
+    /// corrupted run's most probable token other than the answer.
+    pub foil_id: u32,
+    /// The foil, decoded.
+    pub foil: String,
+    /// Every metric of the clean run (`clean_prob` is `high_score` in f64).
+    pub clean: MetricValues,
+    /// Every metric of the corrupted run, averaged over the samples.
+    pub corrupted: MetricValues,
 }
 
 /// One row of `traces`: p(answer) with one state restored.
@@ -149,8 +159,34 @@ pub struct TraceRow {
     pub head: Option<u32>,
     /// The token's category.
     pub category: TokenCategory,
-    /// Mean p(answer) over the samples.
+    /// Mean p(answer) over the samples (the `prob` metric; column `score`).
     pub score: f32,
+    /// Mean log p(answer) (NaN in tables of schema < 4, which lack the column).
+    pub logprob: f32,
+    /// Mean z(answer) − z(foil) (NaN before schema 4).
+    pub logit_diff: f32,
+    /// Mean KL(p_clean ‖ p_run) (NaN before schema 4).
+    pub kl: f32,
+}
+
+impl TraceRow {
+    /// The row's value of `metric`.
+    pub fn value(&self, metric: Metric) -> f32 {
+        match metric {
+            Metric::Prob => self.score,
+            Metric::Logprob => self.logprob,
+            Metric::LogitDiff => self.logit_diff,
+            Metric::Kl => self.kl,
+        }
+    }
+}
+
+/// The `traces` column holding `metric` (`prob` is `score`, its name since schema 1).
+pub fn trace_column(metric: Metric) -> &'static str {
+    match metric {
+        Metric::Prob => "score",
+        other => other.name(),
+    }
 }
 
 /// One row of `errors`: a record or job that produced no (or not all) rows, and why.
@@ -196,6 +232,16 @@ pub fn facts_schema() -> SchemaRef {
         Field::new("donor_known_id", DataType::UInt64, true),
         Field::new("donor_subject", DataType::Utf8, true),
         Field::new("donor_prompt", DataType::Utf8, true),
+        Field::new("foil_id", DataType::UInt32, false),
+        Field::new("foil", DataType::Utf8, false),
+        Field::new("clean_prob", DataType::Float64, false),
+        Field::new("clean_logprob", DataType::Float64, false),
+        Field::new("clean_logit_diff", DataType::Float64, false),
+        Field::new("clean_kl", DataType::Float64, false),
+        Field::new("corrupted_prob", DataType::Float64, false),
+        Field::new("corrupted_logprob", DataType::Float64, false),
+        Field::new("corrupted_logit_diff", DataType::Float64, false),
+        Field::new("corrupted_kl", DataType::Float64, false),
     ]))
 }
 
@@ -209,6 +255,9 @@ pub fn traces_schema() -> SchemaRef {
         Field::new("head", DataType::UInt32, true),
         Field::new("token_category", DataType::Utf8, false),
         Field::new("score", DataType::Float32, false),
+        Field::new("logprob", DataType::Float32, false),
+        Field::new("logit_diff", DataType::Float32, false),
+        Field::new("kl", DataType::Float32, false),
     ]))
 }
 
@@ -277,7 +326,17 @@ pub fn facts_batch(rows: &[FactRow]) -> Result<RecordBatch> {
         Arc::new(rows.iter().map(|r| r.donor_known_id).collect::<UInt64Array>()),
         Arc::new(rows.iter().map(|r| r.donor_subject.as_deref()).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| r.donor_prompt.as_deref()).collect::<StringArray>()),
+        u32s(|r| r.foil_id),
+        strings(|r| &r.foil),
     ];
+    let mut columns = columns;
+    for run in [|r: &FactRow| r.clean, |r: &FactRow| r.corrupted] {
+        for metric in Metric::ALL {
+            columns.push(Arc::new(
+                rows.iter().map(|r| run(r).get(metric)).collect::<Float64Array>(),
+            ));
+        }
+    }
     batch(facts_schema(), columns, "facts")
 }
 
@@ -291,6 +350,9 @@ pub fn traces_batch(rows: &[TraceRow]) -> Result<RecordBatch> {
         Arc::new(rows.iter().map(|r| r.head).collect::<UInt32Array>()),
         Arc::new(rows.iter().map(|r| Some(r.category.name())).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| r.score).collect::<Float32Array>()),
+        Arc::new(rows.iter().map(|r| r.logprob).collect::<Float32Array>()),
+        Arc::new(rows.iter().map(|r| r.logit_diff).collect::<Float32Array>()),
+        Arc::new(rows.iter().map(|r| r.kl).collect::<Float32Array>()),
     ];
     batch(traces_schema(), columns, "traces")
 }
@@ -352,6 +414,12 @@ pub fn read_traces(bytes: &Bytes) -> Result<Vec<TraceRow>> {
         let heads = column(&b, "head", what)?.as_primitive::<UInt32Type>();
         let categories = column(&b, "token_category", what)?.as_string::<i32>();
         let scores = column(&b, "score", what)?.as_primitive::<Float32Type>();
+        // Schema 4's metric columns; NaN for older tables (and never a panic on a bad type).
+        let optional =
+            |name: &str| b.column_by_name(name).and_then(|c| c.as_primitive_opt::<Float32Type>());
+        let (logprob, logit_diff, kl) =
+            (optional("logprob"), optional("logit_diff"), optional("kl"));
+        let at = |c: Option<&Float32Array>, i: usize| c.map_or(f32::NAN, |c| c.value(i));
         for i in 0..b.num_rows() {
             let kind: Kind = kinds
                 .value(i)
@@ -373,6 +441,9 @@ pub fn read_traces(bytes: &Bytes) -> Result<Vec<TraceRow>> {
                 head: heads.is_valid(i).then(|| heads.value(i)),
                 category,
                 score: scores.value(i),
+                logprob: at(logprob, i),
+                logit_diff: at(logit_diff, i),
+                kl: at(kl, i),
             });
         }
     }
@@ -412,6 +483,10 @@ pub struct FactSummary {
     pub noise_level: Option<f64>,
     /// STR's donor (`None` for noise, and in tables of schema 2, which lack the column).
     pub donor_known_id: Option<u64>,
+    /// Every metric of the clean run (`None` before schema 4).
+    pub clean: Option<MetricValues>,
+    /// Every metric of the corrupted run (`None` before schema 4).
+    pub corrupted: Option<MetricValues>,
     /// The tokens whose rows were computed.
     pub traced_tokens: Vec<usize>,
     /// The model's layers.
@@ -441,6 +516,24 @@ pub fn read_facts(bytes: &Bytes) -> Result<Vec<FactSummary>> {
         // Optional (schema 2 lacks it), and of the right type or ignored: never a panic.
         let donors =
             b.column_by_name("donor_known_id").and_then(|c| c.as_primitive_opt::<UInt64Type>());
+        let metrics = |run: &str| -> Option<Vec<&Float64Array>> {
+            Metric::ALL
+                .iter()
+                .map(|m| {
+                    b.column_by_name(&format!("{run}_{}", m.name()))
+                        .and_then(|c| c.as_primitive_opt::<Float64Type>())
+                })
+                .collect()
+        };
+        let (clean, corrupted) = (metrics("clean"), metrics("corrupted"));
+        let values = |cols: &Option<Vec<&Float64Array>>, i: usize| {
+            cols.as_ref().map(|c| MetricValues {
+                prob: c[0].value(i),
+                logprob: c[1].value(i),
+                logit_diff: c[2].value(i),
+                kl: c[3].value(i),
+            })
+        };
         for i in 0..b.num_rows() {
             use arrow_array::Array;
             let list = traced_tokens.value(i);
@@ -460,6 +553,8 @@ pub fn read_facts(bytes: &Bytes) -> Result<Vec<FactSummary>> {
                 traced: traced.value(i),
                 noise_level: level.is_valid(i).then(|| level.value(i)),
                 donor_known_id: donors.filter(|d| d.is_valid(i)).map(|d| d.value(i)),
+                clean: values(&clean, i),
+                corrupted: values(&corrupted, i),
             });
         }
     }
@@ -526,6 +621,9 @@ mod tests {
                 head: None,
                 category: TokenCategory::LastSubject,
                 score: 0.25,
+                logprob: -1.5,
+                logit_diff: 2.0,
+                kl: 0.5,
             },
             TraceRow {
                 known_id: 4,
@@ -535,6 +633,9 @@ mod tests {
                 head: Some(3),
                 category: TokenCategory::Before,
                 score: 1e-7,
+                logprob: -16.0,
+                logit_diff: -3.0,
+                kl: 0.0,
             },
         ];
         let bytes = write_parquet(&traces_batch(&rows).expect("batch"), "t").expect("write");
@@ -573,6 +674,10 @@ mod tests {
             donor_known_id: None,
             donor_subject: None,
             donor_prompt: None,
+            foil_id: 6,
+            foil: " b".into(),
+            clean: MetricValues { prob: 0.5, logprob: -0.69, logit_diff: 3.0, kl: 0.0 },
+            corrupted: MetricValues { prob: 0.1, logprob: -2.3, logit_diff: -1.0, kl: 1.25 },
         };
         let str = FactRow {
             known_id: 10,
@@ -591,6 +696,8 @@ mod tests {
         assert_eq!((back[0].noise_level, back[1].noise_level), (Some(0.3), None));
         assert_eq!((back[0].donor_known_id, back[1].donor_known_id), (None, Some(4)));
         assert_eq!(back[0].known_id, 9);
+        assert_eq!(back[1].corrupted.map(|m| m.kl), Some(1.25));
+        assert_eq!(back[0].clean.map(|m| m.logit_diff), Some(3.0));
         assert_eq!(back[0].n_tokens, 2);
         assert_eq!(
             (back[0].traced_tokens.clone(), back[0].n_layers, back[0].n_heads),

@@ -140,13 +140,17 @@ impl From<&Experiment> for pb::Experiment {
                 Correctness::None => pb::Correctness::None,
             } as i32,
             direction: match e.direction {
-                Direction::Denoise => pb::Direction::Denoise,
+                Direction::Denoising => pb::Direction::Denoising,
+                Direction::Noising => pb::Direction::Noising,
             } as i32,
             metrics: e
                 .metrics
                 .iter()
                 .map(|m| match m {
                     Metric::Prob => pb::Metric::Prob as i32,
+                    Metric::Logprob => pb::Metric::Logprob as i32,
+                    Metric::LogitDiff => pb::Metric::LogitDiff as i32,
+                    Metric::Kl => pb::Metric::Kl as i32,
                 })
                 .collect(),
         }
@@ -195,13 +199,17 @@ impl TryFrom<&pb::Experiment> for Experiment {
             .map(|&m| {
                 known("experiment.metrics", m, |v| match pb::Metric::try_from(v).ok()? {
                     pb::Metric::Prob => Some(Metric::Prob),
+                    pb::Metric::Logprob => Some(Metric::Logprob),
+                    pb::Metric::LogitDiff => Some(Metric::LogitDiff),
+                    pb::Metric::Kl => Some(Metric::Kl),
                     pb::Metric::Unspecified => None,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let direction = known("experiment.direction", e.direction, |v| {
             match pb::Direction::try_from(v).ok()? {
-                pb::Direction::Denoise => Some(Direction::Denoise),
+                pb::Direction::Denoising => Some(Direction::Denoising),
+                pb::Direction::Noising => Some(Direction::Noising),
                 pb::Direction::Unspecified => None,
             }
         })?;
