@@ -9,6 +9,7 @@ use common::dataset::KnownFact;
 use common::donor::Candidate;
 use common::experiment::Experiment;
 use common::kinds::{Geometry, Kind};
+use common::metric::{Metric, MetricValues};
 use common::tables::{FactRow, TokenCategory, TraceRow};
 
 /// The most tokens a result may have: far beyond any prompt of a knowns dataset, and a
@@ -91,6 +92,9 @@ pub enum ResultError {
     /// Scores for a fact the worker did not trace.
     #[error("scores for a fact that was not traced")]
     ScoresUntraced,
+    /// A metric missing, outside its range, or disagreeing with another number.
+    #[error("metric: {0}")]
+    Metric(String),
 }
 
 /// The rows of one trace job.
@@ -139,6 +143,7 @@ pub fn job_rows(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<Job
     probability(|| "high_score".into(), result.high_score)?;
     probability(|| "low_score".into(), result.low_score)?;
     check_corruption(ctx, result)?;
+    let (clean, corrupted) = check_metrics(ctx, result)?;
     if t_len == 0 || result.token_ids.len() != t_len {
         return Err(ResultError::Tokens { tokens: t_len, ids: result.token_ids.len() });
     }
@@ -185,9 +190,26 @@ pub fn job_rows(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<Job
                     heads,
                 });
             }
+            let columns = [&table.logprob, &table.logit_diff, &table.kl];
+            if let Some(column) = columns.iter().find(|c| c.len() != table.scores.len()) {
+                return Err(ResultError::Metric(format!(
+                    "{kind}: {} values of a metric for {} scores",
+                    column.len(),
+                    table.scores.len()
+                )));
+            }
             traces.reserve(table.scores.len());
             for (i, &score) in table.scores.iter().enumerate() {
                 probability(|| format!("{kind} score {i}"), score)?;
+                let (logprob, logit_diff, kl) =
+                    (table.logprob[i], table.logit_diff[i], table.kl[i]);
+                for (metric, v) in
+                    [(Metric::Logprob, logprob), (Metric::LogitDiff, logit_diff), (Metric::Kl, kl)]
+                {
+                    if !metric.admits(f64::from(v)) {
+                        return Err(ResultError::Metric(format!("{kind} {metric} {i} is {v}")));
+                    }
+                }
                 let t = expected_tokens[i / per_token];
                 let (l, h) = ((i % per_token) / heads, i % heads);
                 traces.push(TraceRow {
@@ -198,6 +220,9 @@ pub fn job_rows(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<Job
                     head: kind.has_heads().then_some(h as u32),
                     category: TokenCategory::of(t as usize, subject, t_len),
                     score,
+                    logprob,
+                    logit_diff,
+                    kl,
                 });
             }
         }
@@ -230,8 +255,51 @@ pub fn job_rows(ctx: &JobContext<'_>, result: &proto::TraceResult) -> Result<Job
         donor_known_id: result.donor.as_ref().map(|d| d.known_id),
         donor_subject: result.donor.as_ref().map(|d| d.subject.clone()),
         donor_prompt: result.donor.as_ref().map(|d| d.prompt.clone()),
+        foil_id: result.foil_id,
+        foil: result.foil.clone(),
+        clean,
+        corrupted,
     });
     Ok(JobRows { fact: fact_row, traces })
+}
+
+/// The clean and corrupted runs' metrics: present, each in its range, `prob` equal to
+/// high_score and low_score (the worker stores those as the f32 of the same values), and a
+/// foil that is not the answer (STR's: the donor's).
+fn check_metrics(
+    ctx: &JobContext<'_>,
+    result: &proto::TraceResult,
+) -> Result<(MetricValues, MetricValues), ResultError> {
+    let read = |run: &str, m: Option<&proto::MetricValues>| {
+        let m = m.ok_or_else(|| ResultError::Metric(format!("{run} run's metrics missing")))?;
+        let values =
+            MetricValues { prob: m.prob, logprob: m.logprob, logit_diff: m.logit_diff, kl: m.kl };
+        if let Some((metric, v)) = values.invalid() {
+            return Err(ResultError::Metric(format!("{run} {metric} is {v}")));
+        }
+        Ok(values)
+    };
+    let clean = read("clean", result.clean.as_ref())?;
+    let corrupted = read("corrupted", result.corrupted.as_ref())?;
+    for (run, prob, score) in
+        [("clean", clean.prob, result.high_score), ("corrupted", corrupted.prob, result.low_score)]
+    {
+        if prob as f32 != score {
+            return Err(ResultError::Metric(format!("{run} prob {prob} against score {score}")));
+        }
+    }
+    if result.foil_id == result.answer_id {
+        return Err(ResultError::Metric(format!("foil {} is the answer", result.foil_id)));
+    }
+    if ctx.experiment.is_str() {
+        if let Some(d) = result.donor.as_ref().filter(|d| d.foil_id != result.foil_id) {
+            return Err(ResultError::Metric(format!(
+                "foil {} is not the donor's {}",
+                result.foil_id, d.foil_id
+            )));
+        }
+    }
+    Ok((clean, corrupted))
 }
 
 /// The noise level and the donor fit the corruption: noise has a level and no donor; STR
@@ -300,10 +368,12 @@ mod tests {
     /// A well-formed result of a 3-token fact with subject [0, 1) for `e` over `width` layers.
     fn result(e: &Experiment, width: usize) -> proto::TraceResult {
         let tokens: Vec<u32> = e.tokens.select((0, 1), 3).into_iter().map(|t| t as u32).collect();
-        let table = |kind: Kind| proto::KindScores {
-            kind: proto::Kind::from(kind) as i32,
-            tokens: tokens.clone(),
-            scores: (0..tokens.len() * width * kind.heads(G)).map(|i| i as f32 / 100.0).collect(),
+        let table = |kind: Kind| {
+            tables(
+                kind,
+                &tokens,
+                (0..tokens.len() * width * kind.heads(G)).map(|i| i as f32 / 100.0).collect(),
+            )
         };
         proto::TraceResult {
             tokens: vec!["A".into(), " is".into(), " it".into()],
@@ -313,6 +383,37 @@ mod tests {
             traced: true,
             scores: e.kinds.iter().map(|&k| table(k)).collect(),
             noise_level: Some(0.1),
+            ..metrics(0.5, 0.25)
+        }
+    }
+
+    /// A kind's tables with `prob` values `scores` and the other metrics made from them.
+    fn tables(kind: Kind, tokens: &[u32], scores: Vec<f32>) -> proto::KindScores {
+        proto::KindScores {
+            kind: proto::Kind::from(kind) as i32,
+            tokens: tokens.to_vec(),
+            logprob: scores.iter().map(|p| -p).collect(),
+            logit_diff: scores.iter().map(|p| 10.0 * p - 5.0).collect(),
+            kl: scores.clone(),
+            scores,
+        }
+    }
+
+    /// A result with the clean and corrupted runs' metrics of p = `high` and `low`, foil 4.
+    fn metrics(high: f32, low: f32) -> proto::TraceResult {
+        let run = |p: f32| proto::MetricValues {
+            prob: f64::from(p),
+            logprob: -1.0,
+            logit_diff: 2.0,
+            kl: 0.5,
+        };
+        proto::TraceResult {
+            high_score: high,
+            low_score: low,
+            foil_id: 4,
+            foil: " x".into(),
+            clean: Some(run(high)),
+            corrupted: Some(run(low)),
             ..proto::TraceResult::default()
         }
     }
@@ -345,6 +446,11 @@ mod tests {
                 .contains("another subject")
         );
         assert!(refused(proto::TraceResult { donor: None, ..good.clone() }).contains("missing"));
+        let other_foil = proto::Donor { foil_id: 5, ..donor.clone() };
+        assert!(
+            refused(proto::TraceResult { donor: Some(other_foil), ..good.clone() })
+                .contains("not the donor's")
+        );
         assert!(
             refused(proto::TraceResult { noise_level: Some(0.1), ..good.clone() })
                 .contains("sent for STR")
@@ -411,6 +517,13 @@ mod tests {
             10 => r.scores[1].tokens.push(n_tokens as u32),
             11 => r.noise_level = Some(-1.0),
             12 => r.noise_level = None,
+            14 => set_first(&mut r.scores[0].logprob, 0.5),
+            15 => set_first(&mut r.scores[1].kl, -1.0),
+            16 => drop(r.scores[1].logit_diff.pop()),
+            17 => r.clean = None,
+            18 => r.foil_id = r.answer_id,
+            19 => r.corrupted = Some(proto::MetricValues { prob: 2.0, ..Default::default() }),
+            20 => set_first(&mut r.scores[0].logit_diff, f32::INFINITY),
             _ => {
                 r.donor = Some(proto::Donor {
                     known_id: 1,
@@ -440,7 +553,7 @@ mod tests {
             swap_kinds in proptest::prelude::any::<bool>(),
             only_some_tokens in proptest::prelude::any::<bool>(),
             values in proptest::collection::vec(0f32..=1.0, 2 + 6 * 3 * 2 * 2),
-            defects in proptest::collection::vec(0usize..14, 0..3),
+            defects in proptest::collection::vec(0usize..21, 0..3),
         ) {
             let s0 = subject.0 % n_tokens;
             let s1 = s0 + 1 + subject.1 % (n_tokens - s0);
@@ -463,19 +576,13 @@ mod tests {
                 subject_start: s0 as u32,
                 subject_end: s1 as u32,
                 traced: true,
-                high_score: values[0],
-                low_score: values[1],
                 noise_level: Some(0.25),
                 scores: kinds.iter().map(|&kind| {
                     let n = traced.len() * width as usize * kind.heads(G);
                     next += n;
-                    proto::KindScores {
-                        kind: proto::Kind::from(kind) as i32,
-                        tokens: traced.clone(),
-                        scores: values[next - n..next].to_vec(),
-                    }
+                    tables(kind, &traced, values[next - n..next].to_vec())
                 }).collect(),
-                ..proto::TraceResult::default()
+                ..metrics(values[0], values[1])
             };
             for &d in &defects {
                 spoil(&mut result, d, n_tokens);

@@ -34,17 +34,23 @@ pub fn fake_result(job: &proto::TraceJob) -> proto::TraceResult {
         .map(|(k, kind)| {
             let heads = kind.heads(geometry) as u32;
             let layers = job.layer_start..job.layer_end;
+            let scores: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&t| {
+                    layers.clone().flat_map(move |l| {
+                        (0..heads).map(move |h| fake_score(known_id, k, t as usize, l, h))
+                    })
+                })
+                .collect();
+            let [logprob, logit_diff, kl] =
+                [0, 1, 2].map(|m| scores.iter().map(|&s| fake_metric(m, s)).collect());
             proto::KindScores {
                 kind: proto::Kind::from(*kind) as i32,
                 tokens: tokens.clone(),
-                scores: tokens
-                    .iter()
-                    .flat_map(|&t| {
-                        layers.clone().flat_map(move |l| {
-                            (0..heads).map(move |h| fake_score(known_id, k, t as usize, l, h))
-                        })
-                    })
-                    .collect(),
+                scores,
+                logprob,
+                logit_diff,
+                kl,
             }
         })
         .collect();
@@ -62,7 +68,26 @@ pub fn fake_result(job: &proto::TraceJob) -> proto::TraceResult {
         noise_level: Some(0.1),
         donor: None,
         scores,
+        foil_id: 8,
+        foil: " y".into(),
+        clean: Some(fake_run(0.9)),
+        corrupted: Some(fake_run(0.1)),
     }
+}
+
+/// The fake engine's logprob (0), logit_diff (1) and KL (2) of a cell of p(answer) `p`:
+/// each a function of `p`, within its metric's range.
+pub fn fake_metric(metric: usize, p: f32) -> f32 {
+    match metric {
+        0 => -3.0 * p - 0.1,
+        1 => 4.0 * p - 1.0,
+        _ => 1.0 - p,
+    }
+}
+
+fn fake_run(p: f32) -> proto::MetricValues {
+    let m = |i| f64::from(fake_metric(i, p));
+    proto::MetricValues { prob: f64::from(p), logprob: m(0), logit_diff: m(1), kl: m(2) }
 }
 
 /// What a fake worker says about itself.

@@ -204,6 +204,14 @@ fn print_trace(trace: &FactTrace, out: &mut dyn Write) -> anyhow::Result<()> {
             trace.noise_level.unwrap_or(f64::NAN)
         )?,
     }
+    let run = |m: &common::metric::MetricValues| {
+        format!(
+            "prob {:.4}, logprob {:.3}, logit_diff {:.3}, kl {:.4}",
+            m.prob, m.logprob, m.logit_diff, m.kl
+        )
+    };
+    writeln!(out, "foil: {:?} (id {})", trace.foil, trace.foil_id)?;
+    writeln!(out, "clean: {}\ncorrupted: {}", run(&trace.clean), run(&trace.corrupted))?;
     if !trace.traced() {
         writeln!(out, "not traced: the model does not predict the expected attribute")?;
         return Ok(());

@@ -4,7 +4,9 @@
 use crate::error::Error;
 use crate::load::LoadedModel;
 use crate::trace::noise::embedding_std;
-use crate::trace::{FactInput, FactTrace, Path, TraceOptions, trace_fact};
+use common::metric::{Metric, MetricValues};
+
+use crate::trace::{FactInput, FactTrace, KindTable, Path, TraceOptions, trace_fact};
 
 /// Why a job failed, as the coordinator wants it.
 #[derive(Debug)]
@@ -70,27 +72,38 @@ pub fn compute(
     }
 }
 
-/// A trace as the protocol carries it: each kind's cells over the traced tokens and
-/// `layers` (and heads), token-major.
+/// A trace as the protocol carries it: each kind's cells of every metric over the traced
+/// tokens and `layers` (and heads), token-major.
 pub fn to_result(trace: &FactTrace, layers: &std::ops::Range<usize>) -> proto::TraceResult {
+    let cells = |table: &KindTable| -> Vec<f32> {
+        let heads = table.n_heads;
+        trace
+            .traced_tokens
+            .iter()
+            .flat_map(|&t| table.row(t)[layers.start * heads..layers.end * heads].iter().copied())
+            .collect()
+    };
     let scores = trace
-        .scores
+        .metrics
         .iter()
-        .map(|(&kind, table)| {
-            let heads = table.n_heads;
+        .map(|(&kind, by)| {
+            let of = |m: Metric| by.get(&m).map(&cells).unwrap_or_default();
             proto::KindScores {
                 kind: proto::Kind::from(kind) as i32,
                 tokens: trace.traced_tokens.iter().map(|&t| t as u32).collect(),
-                scores: trace
-                    .traced_tokens
-                    .iter()
-                    .flat_map(|&t| {
-                        table.row(t)[layers.start * heads..layers.end * heads].iter().copied()
-                    })
-                    .collect(),
+                scores: of(Metric::Prob),
+                logprob: of(Metric::Logprob),
+                logit_diff: of(Metric::LogitDiff),
+                kl: of(Metric::Kl),
             }
         })
         .collect();
+    let values = |m: &MetricValues| proto::MetricValues {
+        prob: m.prob,
+        logprob: m.logprob,
+        logit_diff: m.logit_diff,
+        kl: m.kl,
+    };
     proto::TraceResult {
         tokens: trace.tokens.clone(),
         token_ids: trace.token_ids.clone(),
@@ -110,5 +123,9 @@ pub fn to_result(trace: &FactTrace, layers: &std::ops::Range<usize>) -> proto::T
             prompt: d.prompt.clone(),
             foil_id: d.foil_id,
         }),
+        foil_id: trace.foil_id,
+        foil: trace.foil.clone(),
+        clean: Some(values(&trace.clean)),
+        corrupted: Some(values(&trace.corrupted)),
     }
 }

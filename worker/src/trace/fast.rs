@@ -23,10 +23,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{Device, Tensor};
 use common::experiment::Resolved;
 use common::kinds::{Cell, Kind, Plan, State};
+use common::metric::MetricValues;
 
-use super::{
-    FactInput, FactTrace, KindTable, Outcome, Prepared, TraceOptions, answer_probs, geometry, mean,
-};
+use super::score::Scorer;
+use super::{FactInput, FactTrace, MetricTables, Outcome, Prepared, Runs, TraceOptions, geometry};
 use crate::error::{Error, Result};
 use crate::forward::{ForwardOutput, ForwardRequest, KvCache, LayerKv, Logits, Start};
 use crate::intervene::{EmbedEdit, Interventions, Patch, Site};
@@ -66,14 +66,16 @@ impl States {
 /// A corrupted run that restored runs resume from.
 struct Base {
     /// The residual stream entering layer 0, then after each layer, at tokens `from..T`:
-    /// `entering[l]` enters layer l, `(S, T - from, d)`.
+    /// `entering[l]` enters layer l, `(rows, T - from, d)`.
     entering: Vec<Tensor>,
     /// The first token of `entering`.
     from: usize,
-    /// Keys and values of every token, S rows.
+    /// Keys and values of every token, `rows` rows.
     kv: KvCache,
-    /// Its mean p(answer): what a no-op cell scores.
-    score: f32,
+    /// S (a corrupted run), or 1 (the clean run, the same for every sample).
+    rows: usize,
+    /// Its metrics: what a no-op cell scores.
+    score: MetricValues,
 }
 
 impl Base {
@@ -106,13 +108,12 @@ pub fn trace(
     let e = &exp.experiment;
     let prep = Prepared::new(model, tokenizer, fact, exp, opts)?;
     let (t_len, g, samples) = (prep.len(), geometry(model), e.samples());
-    let (n_layers, window) = (g.n_layers, e.window as usize);
+    let (n_layers, window, noising) = (g.n_layers, e.window as usize, e.noising());
     let b = prep.subject.0;
     let device: &Device = model.device();
-    let suffix: Vec<usize> = (b..t_len).collect();
     let head_dim = model.dims().head_dim;
 
-    // Clean run: one row, capturing every state a restoration may need.
+    // The states a restoration writes, and the states the kinds freeze.
     let restored_sites: BTreeSet<Site> = e
         .kinds
         .iter()
@@ -123,49 +124,55 @@ pub fn trace(
         })
         .map(capture_site)
         .collect();
+    let frozen_sites: BTreeSet<Site> =
+        e.kinds.iter().flat_map(|k| k.frozen(n_layers)).map(capture_site).collect();
+
+    // Clean run: one row. Denoising takes the restored states from it; noising resumes from
+    // it (its stream and keys/values) with the frozen states at its values.
     let ids = Tensor::new(prep.ids.as_slice(), device)?.unsqueeze(0)?;
-    let mut clean_iv = Interventions::none();
-    let clean_slots: Vec<(Site, usize)> =
-        restored_sites.iter().map(|&s| (s, clean_iv.capture(s, suffix.clone()))).collect();
-    let clean = forward(model, Start::Tokens(&ids), &clean_iv, false)?;
-    let clean_logits = clean.logits.as_ref().ok_or_else(|| Error::Request("no logits".into()))?;
+    let clean_sites = if noising { &frozen_sites } else { &restored_sites };
+    let (mut clean, clean_states, clean_logits) =
+        base_run(model, &ids, None, b, clean_sites, noising)?;
     let probs = crate::forward::probabilities(&clean_logits.squeeze(0)?)?.to_vec1::<f32>()?;
     let outcome = Outcome::new(tokenizer, fact, e.correctness, &probs)?;
-    let answer_id = outcome.answer_id;
-    let clean = States { by_site: collect(&clean, &clean_slots), b, head_dim };
+    let (answer_id, traced) = (outcome.answer_id, outcome.traced);
 
-    // Corrupted run: S rows, keeping keys/values, the residual stream entering every layer
-    // and the states the kinds freeze.
+    // Corrupted run: S rows. Denoising resumes from it (its stream, keys/values, and the
+    // frozen states at its values); noising takes the replacing states from it. A fact that
+    // is not traced needs only its metrics.
     let ids_s = ids.broadcast_as((samples, t_len))?.contiguous()?;
     let corruption = prep.corrupt(model, tokenizer, fact, exp, answer_id)?;
     let rows: Vec<usize> = (0..samples).collect();
-    let traced = outcome.traced;
-    // A fact that is not traced needs only its low_score.
-    let frozen_sites: BTreeSet<Site> = match traced {
-        true => e.kinds.iter().flat_map(|k| k.frozen(n_layers)).map(capture_site).collect(),
-        false => BTreeSet::new(),
+    let none = BTreeSet::new();
+    let corrupted_sites = match (traced, noising) {
+        (false, _) => &none,
+        (true, false) => &frozen_sites,
+        (true, true) => &restored_sites,
     };
-    let (corrupted, frozen) = base_run(
-        model,
-        &ids_s,
-        corruption.edit(rows.clone(), prep.subject),
-        b,
-        &frozen_sites,
-        traced,
-        answer_id,
-    )?;
-    let low_score = corrupted.score;
-    let frozen = States { by_site: frozen, b, head_dim };
+    let edit = corruption.edit(rows.clone(), prep.subject);
+    let (mut corrupted, corrupted_states, corrupted_logits) =
+        base_run(model, &ids_s, Some(edit), b, corrupted_sites, traced && !noising)?;
+    let (runs, scorer) = Runs::score(&clean_logits, &corrupted_logits, &corruption, answer_id)?;
+    clean.score = runs.clean;
+    corrupted.score = runs.corrupted;
+    let states = |by_site| States { by_site, b, head_dim };
+    let (source, frozen) = match noising {
+        false => (states(clean_states), states(corrupted_states)),
+        true => (states(corrupted_states), states(clean_states)),
+    };
     // The severed kinds' measured run in ROME's seed mode: the second draw.
     let measured = match corruption.two_draws() && traced {
         true => {
             let edit = corruption.measured_edit(rows, prep.subject);
-            Some(base_run(model, &ids_s, edit, b, &BTreeSet::new(), true, answer_id)?.0)
+            let (mut base, _, logits) = base_run(model, &ids_s, Some(edit), b, &none, true)?;
+            base.score = first(scorer.score(&logits, samples)?)?;
+            Some(base)
         }
         false => None,
     };
+    let base = if noising { &clean } else { &corrupted };
 
-    let mut scores = BTreeMap::new();
+    let mut tables = BTreeMap::new();
     if traced {
         let job = Job {
             model,
@@ -174,12 +181,12 @@ pub fn trace(
             t_len,
             subject: prep.subject,
             window,
-            answer_id,
-            clean: &clean,
+            scorer: &scorer,
+            source: &source,
             frozen: &frozen,
         };
         for &kind in &e.kinds {
-            let mut table = KindTable::new(kind, t_len, g);
+            let mut table = MetricTables::new(kind, t_len, g);
             for &t in &prep.traced_tokens {
                 let trunk;
                 let base = match (kind.freezes(), &measured) {
@@ -188,31 +195,36 @@ pub fn trace(
                         &trunk
                     }
                     (Some(_), Some(measured)) => measured,
-                    _ => &corrupted,
+                    _ => base,
                 };
                 job.token(kind, t, base, &mut table)?;
             }
-            scores.insert(kind, table);
+            tables.insert(kind, table);
         }
     }
-    Ok(prep.finish(outcome, low_score, corruption, scores))
+    prep.finish(tokenizer, outcome, runs, corruption, tables)
 }
 
-/// A corrupted run of S rows from the token ids: the stream entering every layer at tokens
-/// `b..T`, keys/values (when `keep` is set), its score, and the captures of `extra`.
+fn first(values: Vec<MetricValues>) -> Result<MetricValues> {
+    values.into_iter().next().ok_or_else(|| Error::Request("a run without rows".into()))
+}
+
+/// A run of the prompt's rows (`ids`, 1 or S), corrupted by `edit` if any: the stream entering
+/// every layer at tokens `b..T` and keys/values (when `keep` is set), the captures of `extra`
+/// at tokens `b..T`, and the last position's logits `(rows, vocab)`. Its score is set by the
+/// caller, once the foil is known.
 fn base_run(
     model: &Model,
     ids: &Tensor,
-    noise: EmbedEdit,
+    edit: Option<EmbedEdit>,
     b: usize,
     extra: &BTreeSet<Site>,
     keep: bool,
-    answer_id: u32,
-) -> Result<(Base, BTreeMap<Site, Tensor>)> {
-    let (_, t_len) = ids.dims2()?;
+) -> Result<(Base, BTreeMap<Site, Tensor>, Tensor)> {
+    let (rows, t_len) = ids.dims2()?;
     let n_layers = model.dims().n_layers;
     let suffix: Vec<usize> = (b..t_len).collect();
-    let mut iv = Interventions { embed: vec![noise], ..Interventions::none() };
+    let mut iv = Interventions { embed: edit.into_iter().collect(), ..Interventions::none() };
     let mut slots = Vec::new();
     if keep {
         slots.push((Site::Input, iv.capture(Site::Input, suffix.clone())));
@@ -223,12 +235,12 @@ fn base_run(
     let extra_slots: Vec<(Site, usize)> =
         extra.iter().map(|&s| (s, iv.capture(s, suffix.clone()))).collect();
     let out = forward(model, Start::Tokens(ids), &iv, keep)?;
-    let logits = out.logits.as_ref().ok_or_else(|| Error::Request("no logits".into()))?;
-    let score = mean(&answer_probs(logits, answer_id)?);
+    let logits = out.logits.clone().ok_or_else(|| Error::Request("no logits".into()))?;
     let entering = slots.iter().map(|&(_, i)| out.captures[i].clone()).collect();
     let extra = collect(&out, &extra_slots);
     let kv = out.kv.unwrap_or_default();
-    Ok((Base { entering, from: b, kv, score }, extra))
+    let score = MetricValues::default();
+    Ok((Base { entering, from: b, kv, rows, score }, extra, logits))
 }
 
 fn collect(out: &ForwardOutput, slots: &[(Site, usize)]) -> BTreeMap<Site, Tensor> {
@@ -252,8 +264,11 @@ struct Job<'a> {
     t_len: usize,
     subject: (usize, usize),
     window: usize,
-    answer_id: u32,
-    clean: &'a States,
+    scorer: &'a Scorer,
+    /// Where the written states come from: the clean run (denoising, 1 row) or the
+    /// corrupted run (noising, S rows).
+    source: &'a States,
+    /// The frozen states' values: the corrupted run's (S rows), or the clean run's (1 row).
     frozen: &'a States,
 }
 
@@ -295,12 +310,13 @@ impl Job<'_> {
             entering,
             from: t,
             kv: measured.kv.clone(),
-            score: mean(&answer_probs(logits, self.answer_id)?),
+            rows: measured.rows,
+            score: first(self.scorer.score(logits, self.samples)?)?,
         })
     }
 
     /// Every asked cell of `kind` at token `t` into `table`.
-    fn token(&self, kind: Kind, t: usize, base: &Base, table: &mut KindTable) -> Result<()> {
+    fn token(&self, kind: Kind, t: usize, base: &Base, table: &mut MetricTables) -> Result<()> {
         let g = geometry(self.model);
         let mut entries = Vec::new();
         for (layer, head) in kind.layer_heads(g) {
@@ -309,48 +325,54 @@ impl Job<'_> {
             }
             let cell = Cell { token: t, layer, head };
             match kind.plan(cell, self.subject, self.t_len, self.window, g.n_layers) {
-                Plan::NoOp => table.set(cell, base.score),
+                Plan::NoOp => table.set(cell, &base.score),
                 Plan::Run { join } => entries.push(self.entry(kind, cell, join, base)?),
             }
         }
         entries.sort_by_key(|e| e.join);
         let per_chunk = (self.opts.max_batch_tokens / (self.samples * (self.t_len - t))).max(1);
         for chunk in entries.chunks(per_chunk) {
-            let scores = self.run_batch(t, chunk, &base.kv)?;
+            let scores = self.run_batch(t, chunk, base)?;
             for (entry, score) in chunk.iter().zip(scores) {
-                table.set(entry.cell, score);
+                table.set(entry.cell, &score);
             }
         }
         Ok(())
     }
 
-    /// A restored cell: the base run's stream entering `join`, with the cell's restored
-    /// block output (if it is the one just below `join`) written into token t, and every
-    /// other restored or frozen state at layers ≥ `join` as a patch.
+    /// A restored cell: the base run's stream entering `join` (one copy per sample), with
+    /// the cell's written block output (if it is the one just below `join`) at token t, and
+    /// every other written or frozen state at layers ≥ `join` as a patch.
     fn entry(&self, kind: Kind, cell: Cell, join: usize, base: &Base) -> Result<Entry> {
         let (t, n_layers) = (cell.token, self.model.dims().n_layers);
         let mut hidden = base.entering(join, t, self.t_len)?;
+        if base.rows != self.samples {
+            let (_, len, d) = hidden.dims3()?;
+            hidden = hidden.broadcast_as((self.samples, len, d))?.contiguous()?;
+        }
         let mut patches = Vec::new();
         for state in kind.restored(cell, self.window, n_layers) {
-            let clean = self.clean.at(state, t)?;
+            let value = self.source.at(state, t)?;
             if join.checked_sub(1).map(State::Block) == Some(state) {
-                let first = clean.broadcast_as((self.samples, 1, clean.dim(2)?))?;
+                let first = value.broadcast_as((self.samples, 1, value.dim(2)?))?;
                 hidden = if t + 1 < self.t_len {
                     Tensor::cat(&[&first, &hidden.narrow(1, 1, self.t_len - t - 1)?], 1)?
                 } else {
                     first.contiguous()?
                 };
             } else {
-                patches.push((Site::from(state), clean));
+                patches.push((Site::from(state), value));
             }
         }
         patches.extend(self.frozen_patches(kind, t, join)?);
         Ok(Entry { cell, join, hidden, patches })
     }
 
-    /// Runs the entries of one token together and returns each one's score.
-    fn run_batch(&self, t: usize, entries: &[Entry], kv: &KvCache) -> Result<Vec<f32>> {
-        let (model, samples) = (self.model, self.samples);
+    /// Runs the entries of one token together and returns each one's metrics.
+    fn run_batch(&self, t: usize, entries: &[Entry], base: &Base) -> Result<Vec<MetricValues>> {
+        let (model, samples, kv) = (self.model, self.samples, &base.kv);
+        // A clean base has one row of keys/values for all the samples.
+        let per_entry = samples / base.rows.max(1);
         let n_layers = model.dims().n_layers;
         let kv_len = kv.layers.iter().flatten().next().map_or(0, LayerKv::len);
         let first = entries.first().map_or(n_layers, |e| e.join);
@@ -359,8 +381,9 @@ impl Job<'_> {
         for layer in first..n_layers {
             joined += join(&mut xs, entries, joined, layer)?;
             let Some(current) = xs.take() else { continue };
+            let copies = joined * per_entry;
             let past =
-                if t > 0 { Some(repeat_rows(kv.layer(layer, kv_len)?, t, joined)?) } else { None };
+                if t > 0 { Some(repeat_rows(kv.layer(layer, kv_len)?, t, copies)?) } else { None };
             let patches = layer_patches(entries, joined, layer, samples, t)?;
             let iv = Interventions { patches, ..Interventions::none() };
             xs = Some(model.run_layer(layer, current, t, past.as_ref(), &iv)?.0);
@@ -369,8 +392,7 @@ impl Job<'_> {
         joined += join(&mut xs, entries, joined, n_layers)?;
         debug_assert_eq!(joined, entries.len());
         let xs = xs.ok_or_else(|| Error::Request("empty batch".into()))?;
-        let probs = answer_probs(&model.last_position_logits(&xs)?, self.answer_id)?;
-        Ok(probs.chunks(samples).map(mean).collect())
+        self.scorer.score(&model.last_position_logits(&xs)?, samples)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod fast;
 pub mod naive;
 pub mod noise;
 pub mod rng;
+pub(crate) mod score;
 pub mod table;
 pub mod tokens;
 
@@ -24,11 +25,12 @@ use candle_core::{DType, Tensor};
 use common::donor::{self, Candidate};
 use common::experiment::Resolved;
 use common::kinds::{Axis, Geometry, Kind};
+use common::metric::{Metric, MetricValues};
 use serde::Serialize;
 
 pub use common::experiment::{Experiment, Noise};
 pub use common::settings::{Correctness, Distribution, NoiseSpec, SeedMode};
-pub use table::KindTable;
+pub use table::{KindTable, MetricTables};
 
 use crate::error::{Error, Result};
 use crate::forward::{ForwardRequest, Logits, Start};
@@ -102,6 +104,15 @@ pub struct FactTrace {
     pub high_score: f32,
     /// Mean p(answer) over the corrupted samples.
     pub low_score: f32,
+    /// The foil of `logit_diff`: STR's counterfactual answer, or the corrupted run's most
+    /// probable token other than the answer (docs/science.md §5).
+    pub foil: String,
+    /// Its id.
+    pub foil_id: u32,
+    /// Every metric of the clean run (`prob` is `high_score`).
+    pub clean: MetricValues,
+    /// Every metric of the corrupted run, averaged over the samples (`prob` is `low_score`).
+    pub corrupted: MetricValues,
     /// The noise level used; `None` (null) without noise.
     pub noise_level: Option<f64>,
     /// STR's donor.
@@ -112,8 +123,11 @@ pub struct FactTrace {
     /// The tokens whose rows were computed (the experiment's selector); empty when the fact
     /// was not traced.
     pub traced_tokens: Vec<usize>,
-    /// Per kind, its table (T × L, or T × L × H); empty when the fact was not traced.
+    /// Per kind, its table of p(answer) (T × L, or T × L × H); empty when the fact was not
+    /// traced.
     pub scores: BTreeMap<Kind, KindTable>,
+    /// Per kind, its table of every metric (`prob`'s is `scores`'); empty when not traced.
+    pub metrics: BTreeMap<Kind, BTreeMap<Metric, KindTable>>,
     /// Per kind, the axes of its table, outermost first.
     pub axes: BTreeMap<Kind, &'static [Axis]>,
 }
@@ -313,14 +327,22 @@ impl Prepared {
     /// The trace of this fact.
     pub(crate) fn finish(
         self,
+        tokenizer: &Tokenizer,
         outcome: Outcome,
-        low_score: f32,
+        runs: Runs,
         corrupted: Corrupted,
-        scores: BTreeMap<Kind, KindTable>,
-    ) -> FactTrace {
-        let axes = scores.keys().map(|&k| (k, k.axes())).collect();
-        let traced_tokens = if scores.is_empty() { Vec::new() } else { self.traced_tokens };
-        FactTrace {
+        tables: BTreeMap<Kind, MetricTables>,
+    ) -> Result<FactTrace> {
+        let axes = tables.keys().map(|&k| (k, k.axes())).collect();
+        let traced_tokens = if tables.is_empty() { Vec::new() } else { self.traced_tokens };
+        let metrics: BTreeMap<Kind, BTreeMap<Metric, KindTable>> =
+            tables.into_iter().map(|(k, t)| (k, t.into_map())).collect();
+        let scores = metrics
+            .iter()
+            .filter_map(|(&k, by)| by.get(&Metric::Prob).map(|t| (k, t.clone())))
+            .collect();
+        let low_score = runs.corrupted.prob as f32;
+        Ok(FactTrace {
             tokens: self.tokens,
             token_ids: self.ids,
             subject_range: self.subject,
@@ -328,13 +350,50 @@ impl Prepared {
             answer_id: outcome.answer_id,
             high_score: outcome.high_score,
             low_score,
+            foil: tokenizer.decode(&[runs.foil_id])?,
+            foil_id: runs.foil_id,
+            clean: MetricValues { prob: f64::from(outcome.high_score), ..runs.clean },
+            corrupted: runs.corrupted,
             noise_level: corrupted.noise_level,
             donor: corrupted.donor,
             correct: outcome.correct,
             traced_tokens,
             scores,
+            metrics,
             axes,
-        }
+        })
+    }
+}
+
+/// The clean and corrupted runs' metrics, and the foil they compare the answer with.
+pub(crate) struct Runs {
+    pub(crate) foil_id: u32,
+    pub(crate) clean: MetricValues,
+    pub(crate) corrupted: MetricValues,
+}
+
+impl Runs {
+    /// The foil (STR's donor's, or the corrupted run's best other token), the scorer built on
+    /// it and the two runs' metrics, from the clean logits `(1, vocab)` and the corrupted
+    /// run's `(S, vocab)`.
+    pub(crate) fn score(
+        clean_logits: &Tensor,
+        corrupted_logits: &Tensor,
+        corruption: &Corrupted,
+        answer_id: u32,
+    ) -> Result<(Self, score::Scorer)> {
+        let foil_id = match &corruption.donor {
+            Some(donor) => donor.foil_id,
+            None => score::top_other(corrupted_logits, answer_id)?,
+        };
+        let scorer = score::Scorer::new(clean_logits, answer_id, foil_id)?;
+        let first = |v: Vec<MetricValues>| {
+            v.into_iter().next().ok_or_else(|| Error::Trace("a run without rows".into()))
+        };
+        let clean = first(scorer.score(clean_logits, 1)?)?;
+        let (samples, _) = corrupted_logits.dims2()?;
+        let corrupted = first(scorer.score(corrupted_logits, samples)?)?;
+        Ok((Self { foil_id, clean, corrupted }, scorer))
     }
 }
 

@@ -5,17 +5,20 @@
 //! (`trace_with_repatch`): a first corrupted pass whose outputs of the frozen states are
 //! kept, then the measured pass with the cell restored and those states written back. The
 //! reference the fast path is tested against, and the baseline it is timed against.
+//!
+//! Noising (docs/science.md §6) runs, per cell, the corrupted run capturing the cell's states
+//! at its token, then the clean prompt in S rows with row s's states overwritten by sample
+//! s's values (and a severed kind's frozen states held at the clean run's).
 
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use common::experiment::Resolved;
 use common::kinds::{Cell, Kind};
+use common::metric::MetricValues;
 
-use super::{
-    FactInput, FactTrace, KindTable, Outcome, Prepared, TraceOptions, answer_probs, geometry, mean,
-};
-use crate::error::Result;
+use super::{FactInput, FactTrace, MetricTables, Outcome, Prepared, Runs, TraceOptions, geometry};
+use crate::error::{Error, Result};
 use crate::forward::{ForwardRequest, Logits, Start};
 use crate::intervene::{EmbedEdit, Interventions, Patch, RowCopy, Site};
 use crate::models::Model;
@@ -48,15 +51,18 @@ pub fn trace(
 
     let corrupted = prep.corrupt(model, tokenizer, fact, exp, answer_id)?;
     let noised = || corrupted.edit((1..rows).collect(), prep.subject);
-    let score = |logits: &Tensor| -> Result<f32> {
-        Ok(mean(&answer_probs(&logits.narrow(0, 1, rows - 1)?, answer_id)?))
+    let corrupted_logits = run(model, &ids, with_noise(noised()))?.0.narrow(0, 1, rows - 1)?;
+    let (runs, scorer) =
+        Runs::score(&clean.narrow(0, 0, 1)?, &corrupted_logits, &corrupted, answer_id)?;
+    let score = |logits: &Tensor| -> Result<MetricValues> {
+        let values = scorer.score(&logits.narrow(0, 1, rows - 1)?, rows - 1)?;
+        values.into_iter().next().ok_or_else(|| Error::Trace("no rows".into()))
     };
-    let low_score = score(&run(model, &ids, with_noise(noised()))?.0)?;
 
-    let mut scores = BTreeMap::new();
+    let mut tables = BTreeMap::new();
     if traced {
         for &kind in &e.kinds {
-            let mut table = KindTable::new(kind, t_len, g);
+            let mut table = MetricTables::new(kind, t_len, g);
             for &t in &prep.traced_tokens {
                 for (layer, head) in kind.layer_heads(g) {
                     if only.is_some_and(|cells| !cells.contains(&(t, layer)))
@@ -65,6 +71,11 @@ pub fn trace(
                         continue;
                     }
                     let cell = Cell { token: t, layer, head };
+                    if e.noising() {
+                        let values = noising_cell(model, &ids, kind, cell, e.window, &noised())?;
+                        table.set(cell, &score(&values)?);
+                        continue;
+                    }
                     let copies = kind
                         .restored(cell, e.window as usize, g.n_layers)
                         .into_iter()
@@ -82,32 +93,64 @@ pub fn trace(
                         None => noised(),
                     });
                     iv.copies = copies;
-                    iv.patches = frozen(model, &ids, kind, t, rows, &noised())?;
-                    table.set(cell, score(&run(model, &ids, iv)?.0)?);
+                    iv.patches = frozen(model, &ids, kind, t, rows, Some(&noised()))?;
+                    table.set(cell, &score(&run(model, &ids, iv)?.0)?);
                 }
             }
-            scores.insert(kind, table);
+            tables.insert(kind, table);
         }
     }
-    Ok(prep.finish(outcome, low_score, corrupted, scores))
+    prep.finish(tokenizer, outcome, runs, corrupted, tables)
+}
+
+/// One noising cell: the corrupted run (rows 1..=S corrupted by `noised`) captures the cell's
+/// states at its token; then the clean prompt runs with rows 1..=S taking those values (row
+/// s sample s's), and a kind's frozen states held at the clean run's. Returns the last
+/// position's logits of all S + 1 rows.
+fn noising_cell(
+    model: &Model,
+    ids: &Tensor,
+    kind: Kind,
+    cell: Cell,
+    window: u32,
+    noised: &EmbedEdit,
+) -> Result<Tensor> {
+    let (rows, _) = ids.dims2()?;
+    let t = cell.token;
+    let states = kind.restored(cell, window as usize, model.dims().n_layers);
+    let mut iv = with_noise(noised.clone());
+    let slots: Vec<usize> = states.iter().map(|&s| iv.capture(Site::from(s), vec![t])).collect();
+    let captured = run(model, ids, iv)?.1;
+    let mut iv = Interventions::none();
+    for (&state, slot) in states.iter().zip(slots) {
+        iv.patches.push(Patch {
+            site: Site::from(state),
+            rows: (1..rows).collect(),
+            tokens: vec![t],
+            values: captured[slot].narrow(0, 1, rows - 1)?,
+        });
+    }
+    iv.patches.extend(frozen(model, ids, kind, t, rows, None)?);
+    Ok(run(model, ids, iv)?.0)
 }
 
 /// `trace_with_repatch`'s first pass for a kind that freezes states: the corrupted run (rows
-/// 1..=S corrupted by `first`), whose outputs of the frozen states at token `t` become
-/// patches of rows 1..=S. Empty for kinds that freeze nothing.
+/// 1..=S corrupted by `first`), or the clean run when noising (`None`), whose outputs of the
+/// frozen states at token `t` become patches of rows 1..=S. Empty for kinds that freeze
+/// nothing.
 fn frozen(
     model: &Model,
     ids: &Tensor,
     kind: Kind,
     t: usize,
     rows: usize,
-    first: &EmbedEdit,
+    first: Option<&EmbedEdit>,
 ) -> Result<Vec<Patch>> {
     let states = kind.frozen(model.dims().n_layers);
     if states.is_empty() {
         return Ok(Vec::new());
     }
-    let mut iv = with_noise(first.clone());
+    let mut iv = first.cloned().map_or_else(Interventions::none, with_noise);
     let slots: Vec<usize> = states.iter().map(|&s| iv.capture(Site::from(s), vec![t])).collect();
     let captured = run(model, ids, iv)?.1;
     states

@@ -2,7 +2,10 @@
 //! token × layer × head), NaN where nothing was computed (a token the selector leaves out, a
 //! layer outside a sweep job's range).
 
+use std::collections::BTreeMap;
+
 use common::kinds::{Axis, Cell, Geometry, Kind};
+use common::metric::{Metric, MetricValues};
 use serde::ser::{Serialize, SerializeSeq, Serializer};
 
 /// The scores of one kind over one fact.
@@ -73,6 +76,29 @@ impl KindTable {
     /// The axes of the table, as the kind declares them.
     pub fn axes(&self) -> &'static [Axis] {
         self.kind.axes()
+    }
+}
+
+/// One kind's table of every metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricTables(BTreeMap<Metric, KindTable>);
+
+impl MetricTables {
+    /// Tables of NaN for a `t_len`-token fact.
+    pub fn new(kind: Kind, t_len: usize, g: Geometry) -> Self {
+        Self(Metric::ALL.into_iter().map(|m| (m, KindTable::new(kind, t_len, g))).collect())
+    }
+
+    /// Sets `cell` of every metric's table (stored in f32, as the `traces` columns).
+    pub fn set(&mut self, cell: Cell, values: &MetricValues) {
+        for (&metric, table) in &mut self.0 {
+            table.set(cell, values.get(metric) as f32);
+        }
+    }
+
+    /// The tables by metric.
+    pub fn into_map(self) -> BTreeMap<Metric, KindTable> {
+        self.0
     }
 }
 

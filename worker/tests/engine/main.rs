@@ -8,6 +8,7 @@ mod golden;
 mod heads;
 mod interventions;
 mod loading;
+mod patching;
 mod replacement;
 mod rome;
 mod smollm2;

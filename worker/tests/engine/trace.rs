@@ -4,9 +4,12 @@
 //! Tolerance 1e-5 absolute on every probability: the two paths run the same arithmetic on
 //! different batch shapes (S + 1 full rows against suffix rows of many states), which
 //! reorders f32 sums by a few ulps of O(1) activations; that moves probabilities by ~1e-7.
+//! The other metrics are functions of logits of magnitude up to ~30, which the same
+//! reordering moves by ~1e-6 absolute: 1e-4 on logprob, logit_diff and KL (stored in f32).
 
-use common::experiment::{Corruption, Experiment, Noise, Resolved, TokenRole, Tokens};
+use common::experiment::{Corruption, Direction, Experiment, Noise, Resolved, TokenRole, Tokens};
 use common::kinds::{Cell, Kind};
+use common::metric::Metric;
 use worker::trace::naive;
 use worker::trace::{
     Correctness, Distribution, FactInput, FactTrace, NoiseSpec, Path, SeedMode, TraceOptions,
@@ -16,6 +19,11 @@ use worker::trace::{
 use crate::util::{TINY, smollm2, tiny};
 
 const TOLERANCE: f32 = 1e-5;
+const METRIC_TOLERANCE: f64 = 1e-4;
+
+fn tolerance(metric: Metric) -> f64 {
+    if metric == Metric::Prob { f64::from(TOLERANCE) } else { METRIC_TOLERANCE }
+}
 
 /// An experiment of `kinds` with the noise given as a level.
 pub fn experiment(
@@ -51,9 +59,20 @@ pub fn assert_same(what: &str, naive: &FactTrace, fast: &FactTrace) -> usize {
     {
         assert!((a - b).abs() <= TOLERANCE, "{what}: {name} {a} vs {b}");
     }
+    assert_eq!(naive.foil_id, fast.foil_id, "{what}: foil");
+    for metric in Metric::ALL {
+        for (run, a, b) in
+            [("clean", naive.clean, fast.clean), ("corrupted", naive.corrupted, fast.corrupted)]
+        {
+            let (a, b) = (a.get(metric), b.get(metric));
+            assert!((a - b).abs() <= tolerance(metric), "{what}: {run} {metric} {a} vs {b}");
+        }
+    }
     assert_eq!(naive.scores.keys().collect::<Vec<_>>(), fast.scores.keys().collect::<Vec<_>>());
     let mut compared = 0;
     for (kind, table) in &naive.scores {
+        let prob: Vec<_> = naive.metrics[kind][&Metric::Prob].computed().collect();
+        assert_eq!(prob, table.computed().collect::<Vec<_>>(), "{what}: scores are prob");
         for (cell, expected) in table.computed() {
             let actual = fast.scores[kind].get(cell);
             assert!(
@@ -61,6 +80,15 @@ pub fn assert_same(what: &str, naive: &FactTrace, fast: &FactTrace) -> usize {
                 "{what}: {kind} {cell:?}: naive {expected}, fast {actual}"
             );
             compared += 1;
+        }
+        for metric in Metric::ALL {
+            for (cell, expected) in naive.metrics[kind][&metric].computed() {
+                let actual = fast.metrics[kind][&metric].get(cell);
+                assert!(
+                    f64::from(expected - actual).abs() <= tolerance(metric),
+                    "{what}: {kind} {metric} {cell:?}: naive {expected}, fast {actual}"
+                );
+            }
         }
     }
     compared
@@ -124,6 +152,67 @@ fn fast_equals_naive_on_tiny_models() {
                 .filter(|&(t, l)| (hidden.at(t, l) - severed.at(t, l)).abs() > 1e-4)
                 .count();
             assert!(differ >= 3, "{what}: severing the MLPs changed only {differ} cells");
+        }
+    }
+}
+
+/// Noising, every kind, both seed modes: the clean run with one state replaced by the
+/// corrupted run's. Replacing the last token's final state gives the corrupted prediction;
+/// a state that changes nothing scores the clean values.
+#[test]
+fn noising_fast_equals_naive_on_tiny_models() {
+    let fact = FactInput {
+        known_id: 17,
+        prompt: "Beats Music is owned by",
+        subject: "owned",
+        expect: None,
+        candidates: &[],
+    };
+    let all = Kind::ALL;
+    let noising = |mut r: Resolved| {
+        r.experiment.direction = Direction::Noising;
+        Resolved::new(r.experiment, r.noise).expect("valid")
+    };
+    let cases = [
+        ("rome", noising(experiment(&all, 1.0, Distribution::Normal, false, SeedMode::Rome))),
+        ("per-fact", noising(experiment(&all, 0.5, Distribution::Normal, true, SeedMode::PerFact))),
+    ];
+    let opts = TraceOptions::default();
+    for name in TINY {
+        let loaded = tiny(name);
+        let tok = loaded.tokenizer().expect("tokenizer");
+        let heads = loaded.model.dims().n_heads;
+        for (mode, exp) in &cases {
+            let what = format!("{name}/noising/{mode}");
+            let naive =
+                trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Naive).expect("naive");
+            let fast = trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Fast).expect("fast");
+            let t_len = fast.tokens.len();
+            assert_eq!(assert_same(&what, &naive, &fast), t_len * 3 * (5 + heads), "{what}");
+            for kind in [Kind::Hidden, Kind::SeveredMlp, Kind::SeveredAttn] {
+                for metric in Metric::ALL {
+                    let table = &fast.metrics[&kind][&metric];
+                    let (top_right, low) = (table.at(t_len - 1, 2), fast.corrupted.get(metric));
+                    assert!(
+                        (f64::from(top_right) - low).abs() <= tolerance(metric),
+                        "{what}: {kind} {metric}: last state {top_right} vs corrupted {low}"
+                    );
+                    // Before the subject nothing changes: the clean values.
+                    let (before, clean) = (table.at(0, 1), fast.clean.get(metric));
+                    assert!(
+                        (f64::from(before) - clean).abs() <= tolerance(metric),
+                        "{what}: {kind} {metric}: {before} vs clean {clean}"
+                    );
+                }
+            }
+            for (kind, table) in &fast.scores {
+                let moved =
+                    table.computed().filter(|(_, s)| (s - fast.high_score).abs() > 1e-3).count();
+                assert!(moved > 3, "{what}: {kind}: only {moved} cells differ from high_score");
+            }
+            assert!(fast.clean.kl.abs() < 1e-9, "{what}: clean KL {}", fast.clean.kl);
+            assert!(fast.corrupted.kl > 1e-4, "{what}: corrupted KL {}", fast.corrupted.kl);
+            assert_ne!(fast.foil_id, fast.answer_id, "{what}");
         }
     }
 }
