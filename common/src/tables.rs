@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::kinds::Kind;
 use crate::metric::{Metric, MetricValues};
 
-/// Where a token sits relative to the subject (docs/science.md §5). ROME's categories overlap (a
+/// Where a token sits relative to the subject (docs/science.md §7). ROME's categories overlap (a
 /// one-token subject's token is both its first and last); a row carries one, by the priority
 /// last > last subject > first subject > middle subject > first subsequent > further >
 /// before. Aggregations that need the overlapping sets recompute them from `token`, the

@@ -529,6 +529,11 @@ fn print_summary(m: &Manifest, out: &str, elapsed: Option<Duration>) {
         (None, _) => println!("  corruption: STR (the donors are in facts/)"),
         (Some(_), None) => {}
     }
+    println!(
+        "  direction: {}; metrics: prob, logprob, logit_diff, kl (traces columns score, \
+         logprob, logit_diff, kl)",
+        m.settings.experiment.direction
+    );
     println!("  output: {out}/ (facts/, traces/kind=*/, errors/, manifest.json)");
 }
 
