@@ -207,7 +207,7 @@ fn trace_takes_a_fact_from_a_knowns_file() {
             .args(["trace", "--model"])
             .arg(tiny_model())
             .args(["--samples", "2", "--window", "2", "--kinds", "hidden", "--json"])
-            .args(["--seed-mode", "per-fact", "--seed", "5"])
+            .args(["--seed-mode", "per-fact", "--seed", "5", "--correctness", "none"])
             .args(args)
             .output()
             .expect("run worker")
@@ -232,6 +232,28 @@ fn trace_takes_a_fact_from_a_knowns_file() {
     assert_eq!(by_id, by_hand);
     assert_eq!(by_id["subject_range"], serde_json::json!([6, 11]));
     assert!(!by_id["correct"].is_null(), "the attribute is the expected answer");
+    // Every metric of the clean and corrupted runs and of every cell; "scores" is prob's.
+    for run in ["clean", "corrupted"] {
+        for metric in ["prob", "logprob", "logit_diff", "kl"] {
+            assert!(by_id[run][metric].is_f64(), "{run} {metric}: {}", by_id[run]);
+        }
+    }
+    assert_eq!(by_id["clean"]["kl"], 0.0);
+    assert!(by_id["foil"].is_string() && by_id["foil_id"] != by_id["answer_id"]);
+    assert_eq!(by_id["metrics"]["hidden"]["prob"], by_id["scores"]["hidden"]);
+    let kl = &by_id["metrics"]["hidden"]["kl"];
+    assert_eq!(kl.as_array().map(Vec::len), by_id["tokens"].as_array().map(Vec::len));
+    // Noising is a flag away, and gives other tables.
+    let noising = json(&trace(&[
+        "--knowns",
+        knowns.to_str().expect("utf-8"),
+        "--known-id",
+        "7",
+        "--direction",
+        "noising",
+    ]));
+    assert_eq!(noising["clean"], by_id["clean"]);
+    assert_ne!(noising["metrics"], by_id["metrics"]);
 
     let out = trace(&["--knowns", knowns.to_str().expect("utf-8"), "--known-id", "4"]);
     assert!(!out.status.success());

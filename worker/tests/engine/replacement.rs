@@ -7,7 +7,7 @@
 use candle_core::IndexOp;
 use common::dataset::{KnownFact, read_knowns_file};
 use common::donor::{Candidate, candidates};
-use common::experiment::{Corruption, Experiment, Resolved, TokenRole, Tokens};
+use common::experiment::{Corruption, Direction, Experiment, Resolved, TokenRole, Tokens};
 use common::kinds::Kind;
 use worker::forward::Logits;
 use worker::trace::naive;
@@ -83,8 +83,8 @@ fn the_corrupted_run_is_the_donor_prompt() {
     }
 }
 
-/// Every kind, fast against naive, on facts whose subject starts the prompt and does not
-/// (tolerance as in `trace.rs`: 1e-5). Heads at two cells: a fast trace of every head of
+/// Every kind, fast against naive, in both directions, on facts whose subject starts the
+/// prompt and does not (tolerances as in `trace.rs`). Heads at two cells: a fast trace of every head of
 /// every token costs minutes.
 #[test]
 fn fast_equals_naive_under_str() {
@@ -116,6 +116,15 @@ fn fast_equals_naive_under_str() {
                 assert!((v - fast.low_score).abs() <= 1e-6, "{kind}: {v}");
             }
         }
+        // Noising (the clean run with the donor's states): every kind, the same cells.
+        let mut noising = str_experiment(kinds);
+        noising.experiment.direction = Direction::Noising;
+        let fast =
+            trace_fact(&loaded.model, tok, &fact, &noising, &opts, Path::Fast).expect("fast");
+        let naive = naive::trace(&loaded.model, tok, &fact, &noising, &opts, Some(&cells[..]))
+            .expect("naive");
+        let what = format!("{} noising", fact.prompt);
+        assert_eq!(assert_same(&what, &naive, &fast), cells.len() * kinds.len());
         exp.experiment.kinds = vec![Kind::Head];
         exp.experiment.tokens = Tokens(vec![TokenRole::LastSubject, TokenRole::Last]);
         let fast = trace_fact(&loaded.model, tok, &fact, &exp, &opts, Path::Fast).expect("fast");
