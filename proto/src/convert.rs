@@ -300,8 +300,12 @@ mod tests {
         let back = resolved(&job).expect("resolved");
         assert_eq!(back.experiment, e);
         assert_eq!(back.noise, Some(noise));
-        // STR: no noise, and the candidates travel in order.
-        let str = Experiment { corruption: Corruption::Str, ..Experiment::rome() };
+        // STR, noising: no noise, and the candidates travel in order.
+        let str = Experiment {
+            corruption: Corruption::Str,
+            direction: Direction::Noising,
+            ..Experiment::rome()
+        };
         let pool = vec![
             Candidate { known_id: 4, subject: "Lyon".into(), attribute: "France".into() },
             Candidate { known_id: 1, subject: "Oslo".into(), attribute: "Norway".into() },
@@ -332,5 +336,16 @@ mod tests {
         );
         let job = pb::TraceJob::default();
         assert_eq!(resolved(&job).expect_err("missing").field, "experiment");
+        let mut msg = pb::Experiment::from(&Experiment::rome());
+        msg.direction = 7;
+        assert_eq!(
+            Experiment::try_from(&msg).expect_err("direction").field,
+            "experiment.direction"
+        );
+        // Every metric is computed: a spec that lists fewer decodes, and fails its check.
+        let mut msg = pb::Experiment::from(&Experiment::rome());
+        msg.metrics.pop();
+        let short = Experiment::try_from(&msg).expect("decodes");
+        assert!(short.check().expect_err("refused").to_string().contains("every metric"));
     }
 }
