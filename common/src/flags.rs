@@ -183,4 +183,20 @@ mod tests {
         let err = parse(&["--seed", "3"]).expect_err("rome mode").to_string();
         assert!(err.starts_with("--seed"), "{err}");
     }
+
+    #[test]
+    fn direction_is_a_flag_and_changes_the_digest() {
+        let noising = parse(&["--direction", "noising"]).expect("noising");
+        assert_eq!(noising.direction, Direction::Noising);
+        assert_eq!(parse(&["--direction", "denoising"]).expect("d"), Experiment::rome());
+        assert_ne!(noising.digest(), Experiment::rome().digest());
+        assert_eq!(noising.metrics, Metric::ALL);
+        // ROME's second draw belongs to its denoising notebook only.
+        let kinds = ["--kinds", "hidden,severed_mlp"];
+        assert!(parse(&kinds).expect("severed").two_draws());
+        let mut args = kinds.to_vec();
+        args.extend(["--direction", "noising"]);
+        assert!(!parse(&args).expect("severed noising").two_draws());
+        assert!(Cli::try_parse_from(["x", "--direction", "sideways"]).is_err());
+    }
 }
