@@ -1,6 +1,7 @@
 //! Grouped bars in the style of the paper's Figure 3 (ROME's notebook
 //! `causal_trace_frozen_mlp_attn.ipynb`): per layer, one bar per series side by side, the y
-//! axis in percent, a legend without a frame.
+//! axis in percent (or plain numbers, for a metric whose effects are not fractions), a
+//! legend without a frame.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +31,9 @@ pub struct BarChart {
     pub x_label: String,
     /// Beside the y axis.
     pub y_label: String,
+    /// Whether the y ticks are percent (values that are fractions: p(o), recovery), else
+    /// plain numbers (log p(o), logit difference, KL).
+    pub percent: bool,
     /// The series, drawn left to right within each group.
     pub series: Vec<Bars>,
 }
@@ -83,7 +87,13 @@ impl Figure for BarChart {
             .y_desc(&self.y_label)
             .x_labels(groups.min(25))
             .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{:.*}%", decimals, v * 100.0))
+            .y_label_formatter(&|v| {
+                if self.percent {
+                    format!("{:.*}%", decimals, v * 100.0)
+                } else {
+                    format!("{v:.2}")
+                }
+            })
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 15))
             .draw()
@@ -139,6 +149,7 @@ mod tests {
                 .into(),
             x_label: "Layer at which the single hidden state is restored".into(),
             y_label: "Average Indirect Effect".into(),
+            percent: true,
             series,
         };
         let files = chart.write(&dir.path().join("figure3")).expect("plot");

@@ -1,4 +1,4 @@
-//! ROME's averaged causal effects (notebook `average_causal_effects`, docs/science.md §5–6):
+//! ROME's averaged causal effects (notebook `average_causal_effects`, docs/science.md §7–8):
 //! over the facts averaged, the mean score of each token category at each layer, minus the
 //! mean `low_score`. Pure arithmetic over tables already in memory, so that hand-computed
 //! cases test it directly.
@@ -162,22 +162,121 @@ pub fn rollup_of(
             cells.push(Cell { category: c, layer: l, mean, aie: mean - low, std, n: *count });
         }
     }
-    let best = |c: usize| {
-        cells[c * n_layers..(c + 1) * n_layers]
-            .iter()
-            .filter(|cell| cell.aie.is_finite())
-            .max_by(|a, b| a.aie.total_cmp(&b.aie))
-            .map(|cell| (cell.aie, cell.layer))
-    };
     let headline = Headline {
         facts: facts.len(),
         high_score: high,
         low_score: low,
         ate: high - low,
-        best_last_subject: best(2),
-        best_last_token: best(5),
+        best_last_subject: best(&cells, n_layers, 2, Better::Higher),
+        best_last_token: best(&cells, n_layers, 5, Better::Higher),
     };
     Some(Rollup { n_layers, cells, headline })
+}
+
+/// The best AIE of `category` and its layer: the largest, or the smallest for a metric that
+/// falls toward the clean run.
+fn best(cells: &[Cell], n_layers: usize, category: usize, better: Better) -> Option<(f64, usize)> {
+    let sign = better.sign();
+    cells[category * n_layers..(category + 1) * n_layers]
+        .iter()
+        .filter(|cell| cell.aie.is_finite())
+        .max_by(|a, b| (sign * a.aie).total_cmp(&(sign * b.aie)))
+        .map(|cell| (cell.aie, cell.layer))
+}
+
+/// Which way a metric moves from the corrupted run toward the clean one: up for p(o),
+/// log p(o), the logit difference and every recovery; down for KL from the clean run (0 when
+/// clean). The best AIE is the one furthest that way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    /// Larger is cleaner.
+    Higher,
+    /// Smaller is cleaner.
+    Lower,
+}
+
+impl Better {
+    /// +1 or −1: an effect times this is larger the cleaner it is.
+    pub fn sign(self) -> f64 {
+        match self {
+            Better::Higher => 1.0,
+            Better::Lower => -1.0,
+        }
+    }
+}
+
+/// An affine map of a metric's values, `v ↦ (v − shift) / scale`: recovery is one (docs in
+/// `coordinator aggregate --scale`), raw values the identity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rescale {
+    /// The value mapped to 0.
+    pub shift: f64,
+    /// The distance mapped to 1 (negative when the clean value is below the corrupted one).
+    pub scale: f64,
+}
+
+impl Rescale {
+    /// Raw values: `(v − 0) / 1` is `v` exactly, so raw numbers stay bit for bit.
+    pub const IDENTITY: Rescale = Rescale { shift: 0.0, scale: 1.0 };
+
+    /// Recovery as a ratio of means: the mean corrupted value `low` to 0 and the mean clean
+    /// value `high` to 1, so an averaged effect becomes AIE / ATE.
+    pub fn ratio_of_means(high: f64, low: f64) -> Self {
+        Rescale { shift: low, scale: high - low }
+    }
+
+    /// One fact's recovery: its corrupted value to 0 and its clean value to 1, the distance
+    /// `clean − corrupted` kept at least `floor` from 0 (with its sign; exactly 0 counts as
+    /// positive) so that a fact the corruption barely moved cannot blow the average up.
+    pub fn per_fact(clean: f64, corrupted: f64, floor: f64) -> Self {
+        let den = clean - corrupted;
+        let scale = if den.abs() >= floor {
+            den
+        } else if den < 0.0 {
+            -floor
+        } else {
+            floor
+        };
+        Rescale { shift: corrupted, scale }
+    }
+
+    /// `v` mapped (`+ 0.0` turns the −0 of `0 / negative scale` into 0, which prints so).
+    pub fn value(self, v: f64) -> f64 {
+        (v - self.shift) / self.scale + 0.0
+    }
+
+    /// A standard deviation of values mapped.
+    pub fn spread(self, std: f64) -> f64 {
+        std / self.scale.abs()
+    }
+}
+
+impl Rollup {
+    /// The best AIEs found again for a metric that moves `better` toward the clean run.
+    pub fn toward(mut self, better: Better) -> Self {
+        self.headline.best_last_subject = best(&self.cells, self.n_layers, 2, better);
+        self.headline.best_last_token = best(&self.cells, self.n_layers, 5, better);
+        self
+    }
+
+    /// Every value mapped by `map` (means, AIEs, standard deviations, high, low, ATE), the
+    /// best AIEs found again for a metric that moves `better` toward the clean run. With
+    /// [`Rescale::ratio_of_means`] of the headline's high and low, each AIE becomes AIE / ATE
+    /// and the ATE 1.
+    pub fn rescaled(&self, map: Rescale, better: Better) -> Rollup {
+        let h = &self.headline;
+        let (high, low) = (map.value(h.high_score), map.value(h.low_score));
+        let cells = self
+            .cells
+            .iter()
+            .map(|c| {
+                let mean = map.value(c.mean);
+                Cell { mean, aie: mean - low, std: map.spread(c.std), ..c.clone() }
+            })
+            .collect();
+        let headline = Headline { high_score: high, low_score: low, ate: high - low, ..h.clone() };
+        Rollup { n_layers: self.n_layers, cells, headline }.toward(better)
+    }
 }
 
 #[cfg(test)]
@@ -263,5 +362,96 @@ mod tests {
         close(aie, 0.6 - low);
         assert_eq!(layer, 1);
         assert!(rollup(&[], 2).is_none());
+    }
+
+    fn close(x: f64, y: f64) {
+        assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+    }
+
+    /// Per-fact recovery's map, its floor keeping the sign (0 counting as positive), and
+    /// KL's negative distance still reading 1 as clean.
+    #[test]
+    fn per_fact_recovery_by_hand() {
+        let m = Rescale::per_fact(0.9, 0.1, 0.01);
+        assert_eq!((m.shift, m.scale), (0.1, 0.9 - 0.1));
+        close(m.value(0.5), 0.5);
+        close(m.value(0.9), 1.0);
+        assert_eq!(m.value(0.1), 0.0);
+        // clean − corrupted = 0.004 < 0.01: 0.01, so 0.11 is (0.11 − 0.106) / 0.01 = 0.4.
+        let m = Rescale::per_fact(0.11, 0.106, 0.01);
+        close(m.scale, 0.01);
+        close(m.value(0.11), 0.4);
+        assert_eq!(Rescale::per_fact(0.3, 0.3, 0.01).scale, 0.01, "0 counts as positive");
+        assert_eq!(Rescale::per_fact(0.0, 0.004, 0.01).scale, -0.01, "the sign is kept");
+        // KL: clean 0, corrupted 2. A run at KL 0.5 is 3/4 of the way back; std 0.4 → 0.2.
+        let kl = Rescale::per_fact(0.0, 2.0, 0.01);
+        close(kl.value(0.5), 0.75);
+        close(kl.value(0.0), 1.0);
+        assert_eq!(kl.value(2.0), 0.0, "not −0");
+        close(kl.spread(0.4), 0.2);
+        // Raw values pass bit for bit.
+        assert_eq!(Rescale::IDENTITY.value(0.123_456_789), 0.123_456_789);
+    }
+
+    /// Recovery as a ratio of means on the hand-computed facts above: every AIE divided by
+    /// the ATE (0.5), the ATE 1.
+    #[test]
+    fn ratio_of_means_by_hand() {
+        let a = table(&[[0.5, 0.3], [0.2, 0.2], [0.1, 0.4], [0.6, 0.8]]);
+        let b = table(&[[0.0, 0.0], [0.4, 0.2], [0.6, 0.6], [0.8, 0.2], [0.2, 0.4]]);
+        let facts = [
+            FactTable { subject: (0, 1), high_score: 0.9, low_score: 0.1, scores: &a },
+            FactTable { subject: (1, 4), high_score: 0.5, low_score: 0.3, scores: &b },
+        ];
+        let raw = rollup(&facts, 2).expect("rollup");
+        let map = Rescale::ratio_of_means(raw.headline.high_score, raw.headline.low_score);
+        let r = raw.rescaled(map, Better::Higher);
+        // First subject, layer 0: mean 0.45, AIE 0.25, std 0.05 → 0.5, 0.5, 0.1.
+        close(r.cell(0, 0).aie, 0.5);
+        close(r.cell(0, 0).mean, 0.5);
+        close(r.cell(0, 0).std, 0.1);
+        assert_eq!(r.cell(0, 0).n, 2);
+        // Last subject, layer 0: AIE 0.45 → 0.9, the best.
+        let h = &r.headline;
+        assert_eq!((h.high_score, h.low_score, h.ate), (1.0, 0.0, 1.0));
+        let (aie, layer) = h.best_last_subject.expect("traced");
+        close(aie, 0.9);
+        assert_eq!(layer, 0);
+        // Last token, layer 1: AIE 0.4 → 0.8.
+        close(h.best_last_token.expect("traced").0, 0.8);
+        // A category without rows stays NaN.
+        let empty = rollup_of(&facts, 2, [true, false, true, true, true, true]).expect("rollup");
+        assert!(empty.rescaled(map, Better::Higher).cell(1, 0).aie.is_nan());
+    }
+
+    /// KL falls toward the clean run: raw, the best AIE is the most negative; recovery (a
+    /// negative ATE) turns it into the largest recovery, at the same layer.
+    #[test]
+    fn kl_best_and_recovery_by_hand() {
+        // One token × 3 layers per fact, subject [0, 1), T = 1: every category is token 0.
+        let a = vec![vec![1.8, 0.4, 1.0]];
+        let b = vec![vec![1.0, 0.2, 0.6]];
+        let facts = [
+            FactTable { subject: (0, 1), high_score: 0.0, low_score: 2.0, scores: &a },
+            FactTable { subject: (0, 1), high_score: 0.0, low_score: 1.0, scores: &b },
+        ];
+        let raw = rollup(&facts, 3).expect("rollup").toward(Better::Lower);
+        // Means 1.4, 0.3, 0.8; low 1.5; AIEs −0.1, −1.2, −0.7; ATE −1.5.
+        close(raw.headline.ate, -1.5);
+        let (aie, layer) = raw.headline.best_last_subject.expect("traced");
+        close(aie, -1.2);
+        assert_eq!(layer, 1);
+        let up = rollup(&facts, 3).expect("rollup").headline.best_last_subject.expect("traced");
+        assert_eq!(up.1, 0, "the largest AIE would be the weakest restoration");
+        let map = Rescale::ratio_of_means(raw.headline.high_score, raw.headline.low_score);
+        let r = raw.rescaled(map, Better::Higher);
+        // Recovery: −0.1 / −1.5, −1.2 / −1.5 = 0.8, −0.7 / −1.5; std 0.4 → 0.4 / 1.5.
+        close(r.cell(2, 0).aie, 0.1 / 1.5);
+        close(r.cell(2, 1).aie, 0.8);
+        close(r.cell(2, 0).std, 0.4 / 1.5);
+        let (aie, layer) = r.headline.best_last_subject.expect("traced");
+        close(aie, 0.8);
+        assert_eq!(layer, 1);
+        assert_eq!((r.headline.high_score, r.headline.low_score, r.headline.ate), (1.0, 0.0, 1.0));
     }
 }

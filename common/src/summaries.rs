@@ -1,6 +1,7 @@
 //! The tables `coordinator aggregate` writes: Figure 2's summary, Figure 3's bars, the
 //! per-head maps. Each is a list of plain rows turned into one Parquet file (and CSV by the
-//! aggregate); NaN, for a cell no fact has, becomes null.
+//! aggregate); NaN, for a cell no fact has, becomes null. Every table ends with the metric
+//! and the scale its values are in ([`Measured`]).
 
 use std::sync::Arc;
 
@@ -19,7 +20,29 @@ fn opt(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-/// The statistics columns every summary ends with.
+/// What a summary's values are: the metric (`prob`, `logprob`, `logit_diff`, `kl`) and the
+/// scale (`raw`, `recovery-ratio-of-means`, `recovery-per-fact`); the last two columns of
+/// every table, one value throughout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measured<'a> {
+    /// The metric's name.
+    pub metric: &'a str,
+    /// The scale's name.
+    pub scale: &'a str,
+}
+
+fn measured_fields() -> [Field; 2] {
+    [Field::new("metric", DataType::Utf8, false), Field::new("scale", DataType::Utf8, false)]
+}
+
+fn measured_columns(m: Measured<'_>, rows: usize) -> [ArrayRef; 2] {
+    [
+        Arc::new(std::iter::repeat_n(Some(m.metric), rows).collect::<StringArray>()),
+        Arc::new(std::iter::repeat_n(Some(m.scale), rows).collect::<StringArray>()),
+    ]
+}
+
+/// The statistics columns every summary has.
 fn stats_fields() -> [Field; 4] {
     [
         Field::new("aie", DataType::Float64, true),
@@ -32,7 +55,7 @@ fn stats_fields() -> [Field; 4] {
 /// An average over facts: the statistics of one cell.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
-    /// Average indirect effect: mean score − mean low_score.
+    /// Average indirect effect: mean score − mean low_score (on the measure's scale).
     pub aie: f64,
     /// Mean score.
     pub mean: f64,
@@ -80,12 +103,14 @@ pub fn summary_schema() -> SchemaRef {
         Field::new("mean", DataType::Float64, true),
         Field::new("std", DataType::Float64, true),
         Field::new("n", DataType::UInt64, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("scale", DataType::Utf8, false),
     ]))
 }
 
 /// Summary rows as a record batch (NaN, for a category no fact has, becomes null).
-pub fn summary_batch(rows: &[SummaryRow]) -> Result<RecordBatch> {
-    let columns: Vec<ArrayRef> = vec![
+pub fn summary_batch(rows: &[SummaryRow], measured: Measured<'_>) -> Result<RecordBatch> {
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(rows.iter().map(|r| Some(r.kind.name())).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| Some(r.category)).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| r.layer).collect::<UInt32Array>()),
@@ -94,6 +119,7 @@ pub fn summary_batch(rows: &[SummaryRow]) -> Result<RecordBatch> {
         Arc::new(rows.iter().map(|r| opt(r.std)).collect::<Float64Array>()),
         Arc::new(rows.iter().map(|r| r.n).collect::<UInt64Array>()),
     ];
+    columns.extend(measured_columns(measured, rows.len()));
     batch(summary_schema(), columns, "summary")
 }
 
@@ -117,16 +143,18 @@ pub fn figure3_schema() -> SchemaRef {
         Field::new("kind", DataType::Utf8, false),
     ];
     fields.extend(stats_fields());
+    fields.extend(measured_fields());
     Arc::new(Schema::new(fields))
 }
 
 /// Figure 3's rows as a record batch.
-pub fn figure3_batch(rows: &[Figure3Row]) -> Result<RecordBatch> {
+pub fn figure3_batch(rows: &[Figure3Row], measured: Measured<'_>) -> Result<RecordBatch> {
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(rows.iter().map(|r| r.layer).collect::<UInt32Array>()),
         Arc::new(rows.iter().map(|r| Some(r.kind.name())).collect::<StringArray>()),
     ];
     columns.extend(stats_columns(rows.iter().map(|r| r.stats)));
+    columns.extend(measured_columns(measured, rows.len()));
     batch(figure3_schema(), columns, "figure3")
 }
 
@@ -152,16 +180,18 @@ pub fn heads_schema() -> SchemaRef {
         Field::new("head", DataType::UInt32, false),
     ];
     fields.extend(stats_fields());
+    fields.extend(measured_fields());
     Arc::new(Schema::new(fields))
 }
 
 /// The per-head rows as a record batch.
-pub fn heads_batch(rows: &[HeadRow]) -> Result<RecordBatch> {
+pub fn heads_batch(rows: &[HeadRow], measured: Measured<'_>) -> Result<RecordBatch> {
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(rows.iter().map(|r| Some(r.category)).collect::<StringArray>()),
         Arc::new(rows.iter().map(|r| r.layer).collect::<UInt32Array>()),
         Arc::new(rows.iter().map(|r| r.head).collect::<UInt32Array>()),
     ];
     columns.extend(stats_columns(rows.iter().map(|r| r.stats)));
+    columns.extend(measured_columns(measured, rows.len()));
     batch(heads_schema(), columns, "heads")
 }

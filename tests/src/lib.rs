@@ -365,18 +365,30 @@ pub fn aggregate(dir: &Path, out: &Path, extra: &[&str]) -> String {
 /// with the package scripts/fetch-duckdb.sh fetched), with `facts` = `correct` or `all`;
 /// returns `{name: [rows]}`.
 pub fn duckdb_queries(dir: &Path, facts: &str, names: &[&str]) -> serde_json::Value {
+    duckdb_queries_with(dir, &["--facts", facts], names)
+}
+
+/// [`duckdb_queries`] with the tool's options as given (`--facts F`, `--metric M`,
+/// `--scale S`, `--recovery R`, `--floor F`: queries/facts.sql's variables).
+pub fn duckdb_queries_with(dir: &Path, options: &[&str], names: &[&str]) -> serde_json::Value {
+    let output = duckdb_command(dir, options, names);
+    assert!(output.status.success(), "duckdb: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("json")
+}
+
+/// tools/duckdb_queries.py run as [`duckdb_queries_with`] runs it, its output as it is (for
+/// a query expected to fail).
+pub fn duckdb_command(dir: &Path, options: &[&str], names: &[&str]) -> std::process::Output {
     let pythonpath = std::env::var("CT_DUCKDB_PYTHONPATH")
         .expect("CT_DUCKDB_PYTHONPATH: run scripts/test.sh (it fetches DuckDB with scripts/fetch-duckdb.sh)");
-    let output = Command::new(std::env::var("CT_PYTHON").unwrap_or_else(|_| "python3".into()))
+    Command::new(std::env::var("CT_PYTHON").unwrap_or_else(|_| "python3".into()))
         .arg(repo_root().join("tools/duckdb_queries.py"))
-        .args(["--facts", facts])
+        .args(options)
         .arg(dir)
         .args(names)
         .env("PYTHONPATH", pythonpath)
         .output()
-        .expect("python runs");
-    assert!(output.status.success(), "duckdb: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("json")
+        .expect("python runs")
 }
 
 /// The rows of a CSV the aggregate wrote, as maps from column to text.

@@ -1,7 +1,8 @@
 //! The paper's Figure 2 for every kind with token × layer axes: `summary.parquet`/`.csv`
 //! (kind, category, layer, aie, mean, std, n), `headline.csv`/`.json` (ATE and the best AIEs),
 //! and, when every token was traced, one heatmap per kind in the kind's style and the line
-//! plot with 95% bands.
+//! plot with 95% bands. The tables record the measure (metric, scale) in their last columns
+//! (headline.json in each kind's fields).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,12 +12,13 @@ use common::kinds::Kind;
 use common::lineplot::{CATEGORY_COLORS, Line, Panel, write_panels};
 use common::plot::Heatmap;
 use common::rollup::{CATEGORIES, CATEGORY_LABELS, Rollup, rollup_of};
-use common::summaries::{SummaryRow, summary_batch};
+use common::summaries::{Measured, SummaryRow, summary_batch};
 use common::tables::write_parquet;
 
 use super::read::{FactFilter, SweepTables};
 
-/// ROME's rollup of each token × layer kind over the facts `filter` keeps.
+/// ROME's rollup of each token × layer kind over the facts `filter` keeps, on the measure's
+/// scale.
 pub fn rollups(sweep: &SweepTables, filter: FactFilter) -> BTreeMap<Kind, Rollup> {
     sweep
         .tables
@@ -24,9 +26,26 @@ pub fn rollups(sweep: &SweepTables, filter: FactFilter) -> BTreeMap<Kind, Rollup
         .filter(|k| !k.has_heads())
         .filter_map(|&kind| {
             let facts = sweep.complete(kind, filter);
-            rollup_of(&facts, sweep.geometry.n_layers, sweep.categories).map(|r| (kind, r))
+            let r = rollup_of(&facts, sweep.geometry.n_layers, sweep.categories)?;
+            Some((kind, on_scale(sweep, r)))
         })
         .collect()
+}
+
+/// A rollup of the measure's values on its scale: divided by its own ATE for recovery as a
+/// ratio of means (over the same facts), else as it is, its best AIEs the furthest toward
+/// the clean run (the smallest for raw KL).
+pub(crate) fn on_scale(sweep: &SweepTables, r: Rollup) -> Rollup {
+    let m = &sweep.measure;
+    match m.averaged(r.headline.high_score, r.headline.low_score) {
+        Some(map) => r.rescaled(map, m.better()),
+        None => r.toward(m.better()),
+    }
+}
+
+/// The measure's names, as the tables' last columns.
+pub(crate) fn measured(sweep: &SweepTables) -> Measured<'_> {
+    Measured { metric: sweep.measure.metric.name(), scale: sweep.measure.tag() }
 }
 
 fn fill(template: &str, sweep: &SweepTables) -> String {
@@ -62,24 +81,26 @@ pub fn write(
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let rows = summary_rows(rollups);
-    let mut csv = String::from("kind,category,layer,aie,mean,std,n\n");
+    let m = measured(sweep);
+    let mut csv = String::from("kind,category,layer,aie,mean,std,n,metric,scale\n");
     for r in &rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{}\n",
-            r.kind, r.category, r.layer, r.aie, r.mean, r.std, r.n
+            "{},{},{},{},{},{},{},{},{}\n",
+            r.kind, r.category, r.layer, r.aie, r.mean, r.std, r.n, m.metric, m.scale
         ));
     }
-    let parquet = write_parquet(&summary_batch(&rows)?, "summary")?;
+    let parquet = write_parquet(&summary_batch(&rows, m)?, "summary")?;
     let mut written = super::write_table(out, "summary", parquet, csv)?;
 
     let mut headline_csv = String::from(
-        "kind,facts,high_score,low_score,ate,best_aie_last_subject,best_layer_last_subject,best_aie_last_token,best_layer_last_token\n",
+        "kind,facts,high_score,low_score,ate,best_aie_last_subject,best_layer_last_subject,best_aie_last_token,best_layer_last_token,metric,scale\n",
     );
+    let floor = sweep.measure.per_fact();
     let mut headline_json = serde_json::Map::new();
     for (kind, r) in rollups {
         let h = &r.headline;
         headline_csv.push_str(&format!(
-            "{kind},{},{},{},{},{},{},{},{}\n",
+            "{kind},{},{},{},{},{},{},{},{},{},{}\n",
             h.facts,
             h.high_score,
             h.low_score,
@@ -88,6 +109,8 @@ pub fn write(
             cell(h.best_last_subject.map(|b| b.1)),
             cell(h.best_last_token.map(|b| b.0)),
             cell(h.best_last_token.map(|b| b.1)),
+            m.metric,
+            m.scale,
         ));
         headline_json.insert(
             kind.name().into(),
@@ -97,6 +120,7 @@ pub fn write(
                 "best_layer_last_subject": h.best_last_subject.map(|b| b.1),
                 "best_aie_last_token": h.best_last_token.map(|b| b.0),
                 "best_layer_last_token": h.best_last_token.map(|b| b.1),
+                "metric": m.metric, "scale": m.scale, "recovery_floor": floor,
             }),
         );
     }
@@ -116,17 +140,19 @@ pub fn write(
 }
 
 /// AIE clipped at 0 (NaN, a category no fact has, as 0), every kind on the hidden map's
-/// scale at least (as the notebook).
+/// scale at least (as the notebook). Raw KL's maps show −AIE, how far a state lowers it.
 fn heatmaps(
     sweep: &SweepTables,
     rollups: &BTreeMap<Kind, Rollup>,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
+    let m = &sweep.measure;
+    let sign = m.better().sign();
     let clipped = |r: &Rollup| -> Vec<Vec<f64>> {
         (0..CATEGORIES.len())
             .map(|c| {
                 (0..r.n_layers)
-                    .map(|l| r.cell(c, l).aie.max(0.0))
+                    .map(|l| (sign * r.cell(c, l).aie).max(0.0))
                     .map(|v| if v.is_nan() { 0.0 } else { v })
                     .collect()
             })
@@ -138,10 +164,7 @@ fn heatmaps(
     for (&kind, r) in rollups {
         let style = kind.style();
         let map = Heatmap {
-            title: format!(
-                "Avg Indirect Effect of {} over {} prompts",
-                style.what, r.headline.facts
-            ),
+            title: format!("{} over {} prompts", m.map_title(style.what), r.headline.facts),
             row_labels: CATEGORY_LABELS.iter().map(ToString::to_string).collect(),
             x_label: fill(style.x_label, sweep),
             x_tick_every: 5,
@@ -149,7 +172,7 @@ fn heatmaps(
             vmin: 0.0,
             vmax: if kind == Kind::Hidden { vmax } else { vmax.max(top(r)) },
             palette: style.palette,
-            bar_label: "AIE".into(),
+            bar_label: m.map_label().into(),
         };
         written.extend(map.write(&out.join(format!("rollup_{kind}")))?);
     }
@@ -182,7 +205,7 @@ fn lines(
                 .collect(),
         })
         .collect();
-    Ok(write_panels(&panels, "Average indirect effect on p(o)", &out.join("lines"))?)
+    Ok(write_panels(&panels, &sweep.measure.axis(), &out.join("lines"))?)
 }
 
 /// The headline and the AIE table of every kind, as text.
@@ -193,6 +216,7 @@ pub fn print(
 ) -> anyhow::Result<()> {
     // Every layer when they fit in a line, else every other one.
     let step = if sweep.geometry.n_layers <= 32 { 1 } else { 2 };
+    let (effect, times) = (sweep.measure.effect(), sweep.measure.times());
     for (kind, r) in rollups {
         let h = &r.headline;
         let best = |b: Option<(f64, usize)>| match b {
@@ -201,7 +225,7 @@ pub fn print(
         };
         writeln!(
             out,
-            "\n{kind}: {} facts, ATE {:.4} (high {:.4}, low {:.4}); best AIE at the last subject token {}, at the last token {}",
+            "\n{kind}: {} facts, ATE {:.4} (high {:.4}, low {:.4}); best {effect} at the last subject token {}, at the last token {}",
             h.facts,
             h.ate,
             h.high_score,
@@ -210,13 +234,13 @@ pub fn print(
             best(h.best_last_token),
         )?;
         let header: String = (0..r.n_layers).step_by(step).map(|l| format!("{l:>4}")).collect();
-        writeln!(out, "{:>24}{header}   (AIE × 100 by layer)", "")?;
+        writeln!(out, "{:>24}{header}   ({effect} × {times} by layer)", "")?;
         for (c, label) in CATEGORY_LABELS.iter().enumerate() {
             let cells: String = (0..r.n_layers)
                 .step_by(step)
                 .map(|l| {
                     let v = r.cell(c, l).aie;
-                    if v.is_finite() { format!("{:>4.0}", v * 100.0) } else { "   -".into() }
+                    if v.is_finite() { format!("{:>4.0}", v * times) } else { "   -".into() }
                 })
                 .collect();
             writeln!(out, "{label:>24}{cells}")?;

@@ -5,16 +5,19 @@
 //! mean `low_score`, as the notebook subtracts `ordinary_r["low_score"]` from all three.
 //! Averaged over the facts complete in every one of these kinds, so the bars compare the
 //! same facts. Written as `figure3.parquet`/`.csv` and grouped bars in the notebook's colours.
+//! On the recovery scale as a ratio of means, every series is divided by the ATE of those
+//! facts (mean clean − mean corrupted).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::barplot::{BarChart, Bars, FIGURE3_COLORS};
 use common::kinds::Kind;
-use common::rollup::rollup;
+use common::rollup::{Rescale, rollup};
 use common::summaries::{Figure3Row, Stats, figure3_batch};
 use common::tables::write_parquet;
 
+use super::figure2::measured;
 use super::read::{FactFilter, SweepTables};
 
 /// The last subject token's row in `rollup`'s categories.
@@ -54,10 +57,16 @@ pub fn compute(sweep: &SweepTables, filter: FactFilter) -> Option<Figure3> {
         return None;
     }
     let n_layers = sweep.geometry.n_layers;
-    let ordinary_low = {
+    let (ordinary_high, ordinary_low) = {
         let facts = sweep.tables_of(Kind::Hidden, &ids);
-        facts.iter().map(|f| f.low_score).sum::<f64>() / facts.len() as f64
+        let n = facts.len() as f64;
+        let high = facts.iter().map(|f| f.high_score).sum::<f64>() / n;
+        (high, facts.iter().map(|f| f.low_score).sum::<f64>() / n)
     };
+    // Raw (or per-fact recovery, mapped already): the identity, so p(o)'s bars stay bit for
+    // bit.
+    let map = sweep.measure.averaged(ordinary_high, ordinary_low).unwrap_or(Rescale::IDENTITY);
+    let low = map.value(ordinary_low);
     let series = kinds
         .iter()
         .filter_map(|&kind| {
@@ -66,7 +75,8 @@ pub fn compute(sweep: &SweepTables, filter: FactFilter) -> Option<Figure3> {
             let stats = (0..n_layers)
                 .map(|l| {
                     let c = r.cell(LAST_SUBJECT, l);
-                    Stats { aie: c.mean - ordinary_low, mean: c.mean, std: c.std, n: c.n as u64 }
+                    let mean = map.value(c.mean);
+                    Stats { aie: mean - low, mean, std: map.spread(c.std), n: c.n as u64 }
                 })
                 .collect();
             Some((kind, stats))
@@ -88,12 +98,16 @@ pub fn write(sweep: &SweepTables, fig: &Figure3, out: &Path) -> anyhow::Result<V
             })
         })
         .collect();
-    let mut csv = String::from("layer,kind,aie,mean,std,n\n");
+    let m = measured(sweep);
+    let mut csv = String::from("layer,kind,aie,mean,std,n,metric,scale\n");
     for r in &rows {
         let s = r.stats;
-        csv.push_str(&format!("{},{},{},{},{},{}\n", r.layer, r.kind, s.aie, s.mean, s.std, s.n));
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{}\n",
+            r.layer, r.kind, s.aie, s.mean, s.std, s.n, m.metric, m.scale
+        ));
     }
-    let parquet = write_parquet(&figure3_batch(&rows)?, "figure3")?;
+    let parquet = write_parquet(&figure3_batch(&rows, m)?, "figure3")?;
     let mut written = super::write_table(out, "figure3", parquet, csv)?;
     let chart = BarChart {
         title: format!(
@@ -101,7 +115,13 @@ pub fn write(sweep: &SweepTables, fig: &Figure3, out: &Path) -> anyhow::Result<V
             fig.facts
         ),
         x_label: format!("Layer at which the single hidden state is restored ({})", sweep.model),
-        y_label: "Average Indirect Effect".into(),
+        // ROME's words for p(o) raw, else the measure's.
+        y_label: if sweep.measure.is_prob_raw() {
+            "Average Indirect Effect".into()
+        } else {
+            sweep.measure.axis()
+        },
+        percent: sweep.measure.fractions(),
         series: fig
             .series
             .iter()
@@ -120,23 +140,26 @@ pub fn write(sweep: &SweepTables, fig: &Figure3, out: &Path) -> anyhow::Result<V
 }
 
 /// The figure's peaks, as text.
-pub fn print(fig: &Figure3, out: &mut dyn Write) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "\nFigure 3 (last subject token, {} facts; AIE = mean score − the ordinary run's mean low_score):",
-        fig.facts
-    )?;
+pub fn print(sweep: &SweepTables, fig: &Figure3, out: &mut dyn Write) -> anyhow::Result<()> {
+    let m = &sweep.measure;
+    let (effect, times, sign) = (m.effect(), m.times(), m.better().sign());
+    let rule = if m.is_ratio() {
+        "(mean score − the ordinary run's mean low_score) / its ATE"
+    } else {
+        "mean score − the ordinary run's mean low_score"
+    };
+    writeln!(out, "\nFigure 3 (last subject token, {} facts; {effect} = {rule}):", fig.facts)?;
     for (kind, stats) in &fig.series {
         let best = stats
             .iter()
             .enumerate()
             .filter(|(_, s)| s.aie.is_finite())
-            .max_by(|a, b| a.1.aie.total_cmp(&b.1.aie));
+            .max_by(|a, b| (sign * a.1.aie).total_cmp(&(sign * b.1.aie)));
         if let Some((layer, s)) = best {
-            writeln!(out, "  {kind:>13}: best AIE {:.4} at layer {layer}", s.aie)?;
+            writeln!(out, "  {kind:>13}: best {effect} {:.4} at layer {layer}", s.aie)?;
         }
-        let cells: String = stats.iter().map(|s| format!("{:>4.0}", s.aie * 100.0)).collect();
-        writeln!(out, "  {:>13}  {cells}   (AIE × 100 by layer)", "")?;
+        let cells: String = stats.iter().map(|s| format!("{:>4.0}", s.aie * times)).collect();
+        writeln!(out, "  {:>13}  {cells}   ({effect} × {times} by layer)", "")?;
     }
     Ok(())
 }

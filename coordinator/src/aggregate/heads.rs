@@ -11,13 +11,14 @@ use common::rollup::{CATEGORIES, Rollup, rollup_of};
 use common::summaries::{HeadRow, Stats, heads_batch};
 use common::tables::write_parquet;
 
+use super::figure2::{measured, on_scale};
 use super::read::{FactFilter, SweepTables};
 
 /// The token categories the maps show, as `rollup`'s category indices.
 const MAPS: [(usize, &str); 2] = [(2, "last subject token"), (5, "last token")];
 
 /// The per-head rollup: `rollup` over rows of L × H cells (layer-major), when the sweep has
-/// the `head` kind and a complete fact.
+/// the `head` kind and a complete fact; on the measure's scale.
 pub fn compute(sweep: &SweepTables, filter: FactFilter) -> Option<Rollup> {
     if !sweep.tables.contains_key(&Kind::Head) {
         return None;
@@ -25,6 +26,7 @@ pub fn compute(sweep: &SweepTables, filter: FactFilter) -> Option<Rollup> {
     let facts = sweep.complete(Kind::Head, filter);
     rollup_of(&facts, Kind::Head.cells_per_token(sweep.geometry), sweep.categories)
         .filter(|r| maps(r).next().is_some())
+        .map(|r| on_scale(sweep, r))
 }
 
 /// The maps whose token category has rows.
@@ -52,23 +54,27 @@ fn rows(sweep: &SweepTables, r: &Rollup) -> Vec<HeadRow> {
 /// Writes `heads.parquet`, `heads.csv` and the two maps; returns the files.
 pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let rows = rows(sweep, r);
-    let mut csv = String::from("category,layer,head,aie,mean,std,n\n");
+    let m = measured(sweep);
+    let mut csv = String::from("category,layer,head,aie,mean,std,n,metric,scale\n");
     for h in &rows {
         let s = h.stats;
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{}\n",
-            h.category, h.layer, h.head, s.aie, s.mean, s.std, s.n
+            "{},{},{},{},{},{},{},{},{}\n",
+            h.category, h.layer, h.head, s.aie, s.mean, s.std, s.n, m.metric, m.scale
         ));
     }
-    let parquet = write_parquet(&heads_batch(&rows)?, "heads")?;
+    let parquet = write_parquet(&heads_batch(&rows, m)?, "heads")?;
     let mut written = super::write_table(out, "heads", parquet, csv)?;
     let (n_layers, n_heads) = (sweep.geometry.n_layers, sweep.geometry.n_heads);
     let style = Kind::Head.style();
+    let measure = &sweep.measure;
+    // Raw KL's maps show −AIE, how far a head lowers it (as Figure 2's maps).
+    let sign = measure.better().sign();
     for (category, label) in maps(r) {
         let values: Vec<Vec<f64>> = (0..n_heads)
             .map(|h| {
                 (0..n_layers)
-                    .map(|l| r.cell(category, l * n_heads + h).aie.max(0.0))
+                    .map(|l| (sign * r.cell(category, l * n_heads + h).aie).max(0.0))
                     .map(|v| if v.is_nan() { 0.0 } else { v })
                     .collect()
             })
@@ -76,8 +82,9 @@ pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<
         let vmax = values.iter().flatten().copied().fold(0f64, f64::max);
         let map = Heatmap {
             title: format!(
-                "Avg Indirect Effect of {} at the {label} over {} prompts",
-                style.what, r.headline.facts
+                "{} at the {label} over {} prompts",
+                measure.map_title(style.what),
+                r.headline.facts
             ),
             row_labels: (0..n_heads).map(|h| format!("head {h}")).collect(),
             x_label: format!("layer within {}", sweep.model),
@@ -86,7 +93,7 @@ pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<
             vmin: 0.0,
             vmax: vmax.max(1e-6),
             palette: style.palette,
-            bar_label: "AIE".into(),
+            bar_label: measure.map_label().into(),
         };
         let stem = format!("heads_{}", CATEGORIES[category]);
         written.extend(map.write(&out.join(stem))?);
@@ -97,13 +104,19 @@ pub fn write(sweep: &SweepTables, r: &Rollup, out: &Path) -> anyhow::Result<Vec<
 /// The strongest heads, as text.
 pub fn print(sweep: &SweepTables, r: &Rollup, out: &mut dyn Write) -> anyhow::Result<()> {
     let heads = sweep.geometry.n_heads;
-    writeln!(out, "\nhead: {} facts, the five strongest heads per token:", r.headline.facts)?;
+    let sign = sweep.measure.better().sign();
+    writeln!(
+        out,
+        "\nhead: {} facts, the five strongest heads per token ({}):",
+        r.headline.facts,
+        sweep.measure.effect()
+    )?;
     for (category, label) in maps(r) {
         let mut cells: Vec<(usize, f64)> = (0..r.n_layers)
             .map(|c| (c, r.cell(category, c).aie))
             .filter(|(_, v)| v.is_finite())
             .collect();
-        cells.sort_by(|a, b| b.1.total_cmp(&a.1));
+        cells.sort_by(|a, b| (sign * b.1).total_cmp(&(sign * a.1)));
         let top: Vec<String> = cells
             .iter()
             .take(5)

@@ -1,15 +1,20 @@
 //! A sweep's tables read back and grouped per kind and fact, each fact's table shaped by its
 //! kind's axes: a row per token of the cells along the other axes (L, or L × H), empty for
-//! tokens the experiment's selector did not trace.
+//! tokens the experiment's selector did not trace. The cells and each fact's clean and
+//! corrupted values are those of the measure's metric, mapped to per-fact recovery already
+//! when the measure asks for it.
 
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, bail};
 use common::experiment::Tokens;
 use common::kinds::{Geometry, Kind};
-use common::rollup::FactTable;
+use common::metric::Metric;
+use common::rollup::{FactTable, Rescale};
 use common::storage::Location;
 use common::tables::{FactSummary, read_facts, read_traces};
+
+use super::Measure;
 
 /// Which facts the averages take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,6 +52,21 @@ pub struct SweepTables {
     pub window: u32,
     /// The token categories the experiment's selector traced (all six without a manifest).
     pub categories: [bool; 6],
+    /// What the cells and levels are.
+    pub measure: Measure,
+    /// Per fact: its clean and corrupted values of the measure (1 and 0 for per-fact
+    /// recovery).
+    pub levels: HashMap<u64, (f64, f64)>,
+}
+
+/// A fact's clean and corrupted values of `metric`: `high_score` and `low_score` for prob
+/// (as before metrics, so p(o)'s numbers stay bit for bit; `clean_prob` is the same value in
+/// f64), else the schema 4 columns, `None` in an older sweep.
+fn levels(fact: &FactSummary, metric: Metric) -> Option<(f64, f64)> {
+    match metric {
+        Metric::Prob => Some((f64::from(fact.high_score), f64::from(fact.low_score))),
+        m => Some((fact.clean?.get(m), fact.corrupted?.get(m))),
+    }
 }
 
 async fn read_table<T>(
@@ -63,8 +83,20 @@ async fn read_table<T>(
     Ok(rows)
 }
 
-/// Reads `facts/` and `traces/` of a sweep folder.
-pub async fn read_sweep(at: &Location) -> anyhow::Result<SweepTables> {
+/// The ids of the facts of a sweep folder that `filter` keeps (read from `facts/` only).
+pub async fn kept_ids(
+    at: &Location,
+    filter: FactFilter,
+) -> anyhow::Result<std::collections::HashSet<u64>> {
+    let facts = read_table(at, "facts", read_facts).await?;
+    if facts.is_empty() {
+        bail!("{} has no facts/*.parquet: is it a sweep folder (<out>/<sweep-id>)?", at.display);
+    }
+    Ok(facts.iter().filter(|f| filter.keeps(f)).map(|f| f.known_id).collect())
+}
+
+/// Reads `facts/` and `traces/` of a sweep folder: the values of `measure`'s metric.
+pub async fn read_sweep(at: &Location, measure: &Measure) -> anyhow::Result<SweepTables> {
     let manifest: Option<serde_json::Value> = match at.read_child("manifest.json").await {
         Ok(bytes) => serde_json::from_slice(&bytes).ok(),
         Err(_) => None,
@@ -85,6 +117,32 @@ pub async fn read_sweep(at: &Location) -> anyhow::Result<SweepTables> {
     if facts.is_empty() {
         bail!("{} has no facts/*.parquet: is it a sweep folder (<out>/<sweep-id>)?", at.display);
     }
+    let metric = measure.metric;
+    if facts.iter().any(|f| levels(f, metric).is_none()) {
+        // Schema 4 added the metric columns; a sweep without them cannot be averaged in any
+        // metric but prob (its rows would all read NaN and drop silently).
+        let schema = schema.map_or_else(|| "below 4".to_string(), |s| s.to_string());
+        bail!(
+            "--metric {metric}: {} holds a sweep of table schema {schema}, whose tables record \
+             only prob (schema 4 adds logprob, logit_diff and kl): aggregate it with --metric prob",
+            at.display
+        );
+    }
+    let levels: HashMap<u64, (f64, f64)> =
+        facts.iter().filter_map(|f| Some((f.known_id, levels(f, metric)?))).collect();
+    // Per-fact recovery maps each fact's values as they are read; the clean value becomes 1
+    // and the corrupted 0.
+    let per_fact: HashMap<u64, Rescale> = match measure.per_fact() {
+        Some(floor) => levels
+            .iter()
+            .map(|(&id, &(clean, corrupted))| (id, Rescale::per_fact(clean, corrupted, floor)))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let levels = match measure.per_fact() {
+        Some(_) => levels.keys().map(|&id| (id, (1.0, 0.0))).collect(),
+        None => levels,
+    };
     let rows = read_table(at, "traces", read_traces).await?;
     let n_layers = facts.iter().map(|f| f.n_layers as usize).max().unwrap_or(0);
     let n_heads = facts.iter().map(|f| f.n_heads as usize).max().unwrap_or(0);
@@ -124,9 +182,22 @@ pub async fn read_sweep(at: &Location) -> anyhow::Result<SweepTables> {
         if row.is_empty() {
             *row = vec![f64::NAN; n_layers * heads];
         }
-        row[r.layer as usize * heads + head] = f64::from(r.score);
+        let value = f64::from(r.value(metric));
+        row[r.layer as usize * heads + head] = match per_fact.get(&r.known_id) {
+            Some(map) => map.value(value),
+            None => value,
+        };
     }
-    Ok(SweepTables { facts, tables, geometry, model, window, categories })
+    Ok(SweepTables {
+        facts,
+        tables,
+        geometry,
+        model,
+        window,
+        categories,
+        measure: *measure,
+        levels,
+    })
 }
 
 impl SweepTables {
@@ -138,12 +209,8 @@ impl SweepTables {
         let full = fact.traced_tokens.iter().all(|&t| {
             scores.get(t).is_some_and(|row| row.len() == width && !row.iter().any(|v| v.is_nan()))
         });
-        full.then(|| FactTable {
-            subject: fact.subject,
-            high_score: f64::from(fact.high_score),
-            low_score: f64::from(fact.low_score),
-            scores,
-        })
+        let &(high_score, low_score) = self.levels.get(&fact.known_id)?;
+        full.then_some(FactTable { subject: fact.subject, high_score, low_score, scores })
     }
 
     /// The complete tables of `kind` of the facts `filter` keeps.
