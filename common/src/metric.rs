@@ -8,7 +8,17 @@ use serde::{Deserialize, Serialize};
 /// What a run measures at the last position (docs/science.md §5). Every metric is computed
 /// for every run, per sample, then averaged over the samples.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {

@@ -332,9 +332,8 @@ pub fn facts_batch(rows: &[FactRow]) -> Result<RecordBatch> {
     let mut columns = columns;
     for run in [|r: &FactRow| r.clean, |r: &FactRow| r.corrupted] {
         for metric in Metric::ALL {
-            columns.push(Arc::new(
-                rows.iter().map(|r| run(r).get(metric)).collect::<Float64Array>(),
-            ));
+            columns
+                .push(Arc::new(rows.iter().map(|r| run(r).get(metric)).collect::<Float64Array>()));
         }
     }
     batch(facts_schema(), columns, "facts")

@@ -69,7 +69,7 @@ fn severed_and_head_kinds_sweep_end_to_end() {
     assert!(rows >= 10 * 3 * (3 + 4), "{rows} rows");
     let m = e2e::manifest(&dir);
     assert_eq!(m["settings"]["experiment"]["tokens"], serde_json::json!(["last-subject", "last"]));
-    assert_eq!(m["settings"]["schema"], 3);
+    assert_eq!(m["settings"]["schema"], common::sweep::SCHEMA);
     assert!(m["experiment_digest"].as_str().is_some_and(|d| d.starts_with("blake3:")));
 
     // The numbers of tracing one fact alone, every kind and head.

@@ -1,16 +1,20 @@
-//! A sweep with symmetric token replacement (`--corruption str`) on SmolLM2, end to end:
-//! workers choose the donor from the candidates their job carries, the `facts` rows record
-//! it (and no noise level), a fact without a donor is an `errors` row that says why while
-//! the others go on, the rows are those of `worker trace --knowns --known-id`, and the
+//! A sweep with symmetric token replacement (`--corruption str`), noising, on SmolLM2, end to
+//! end: workers choose the donor from the candidates their job carries, the `facts` rows
+//! record it (and no noise level) with the foil and every metric of the clean and corrupted
+//! runs, a fact without a donor is an `errors` row that says why while the others go on,
+//! the rows of every metric are those of `worker trace --knowns --known-id`, and the
 //! aggregate and DuckDB read the tables.
 
 use std::time::Duration;
 
 use common::kinds::Kind;
+use common::metric::Metric;
 use e2e::{Proc, args, bin, knowns_path, read_tables, run_args, smollm2_path, sweep_dir};
 
-/// Sweep and `worker trace` differ by the order of float sums only (see tests/e2e/sweep.rs).
+/// Sweep and `worker trace` differ by the order of float sums only (see tests/e2e/sweep.rs):
+/// 1e-5 on probabilities, 1e-4 on the other metrics (logits of magnitude up to ~30).
 const SCORE_TOLERANCE: f64 = 1e-5;
+const METRIC_TOLERANCE: f64 = 1e-4;
 
 #[test]
 fn an_str_sweep_records_donors_and_refuses_facts_without_one() {
@@ -29,7 +33,16 @@ fn an_str_sweep_records_donors_and_refuses_facts_without_one() {
     std::fs::write(&dataset, serde_json::to_string(&chosen).expect("json")).expect("write");
     let model = smollm2_path();
     let out = tmp.path().join("out");
-    let experiment = ["--corruption", "str", "--kinds", "hidden", "--tokens", "last-subject,last"];
+    let experiment = [
+        "--corruption",
+        "str",
+        "--direction",
+        "noising",
+        "--kinds",
+        "hidden",
+        "--tokens",
+        "last-subject,last",
+    ];
     let mut run = run_args(
         &dataset,
         &model,
@@ -69,6 +82,7 @@ fn an_str_sweep_records_donors_and_refuses_facts_without_one() {
     assert!(lone.message.contains("no other fact has this fact's relation_id"), "{lone:?}");
     let m = e2e::manifest(&dir);
     assert_eq!(m["settings"]["experiment"]["corruption"]["type"], "str");
+    assert_eq!(m["settings"]["experiment"]["direction"], "noising");
     assert!(m["noise"]["spec"].is_null(), "no noise rule: {}", m["noise"]);
 
     // The rows of fact 254 are those of tracing it alone from the same dataset.
@@ -85,15 +99,44 @@ fn an_str_sweep_records_donors_and_refuses_facts_without_one() {
     let trace: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(trace["donor"]["known_id"], 158);
     assert!(trace["noise_level"].is_null());
+    let tolerance = |m: Metric| if m == Metric::Prob { SCORE_TOLERANCE } else { METRIC_TOLERANCE };
+    let fact = tables.facts.iter().find(|f| f.known_id == 254).expect("fact 254");
+    for (run, values) in [("clean", fact.clean), ("corrupted", fact.corrupted)] {
+        let values = values.expect("schema 4 has every metric");
+        for metric in Metric::ALL {
+            let theirs = trace[run][metric.name()].as_f64().expect("a metric");
+            let ours = values.get(metric);
+            assert!(
+                (ours - theirs).abs() <= tolerance(metric),
+                "{run} {metric}: {ours} vs {theirs}"
+            );
+        }
+    }
     let mut compared = 0;
     for r in tables.traces.iter().filter(|r| r.known_id == 254) {
-        let theirs = trace["scores"]["hidden"][r.token as usize][r.layer as usize]
-            .as_f64()
-            .expect("a computed cell");
-        assert!((f64::from(r.score) - theirs).abs() <= SCORE_TOLERANCE, "{r:?} vs {theirs}");
-        compared += 1;
+        for metric in Metric::ALL {
+            let theirs = trace["metrics"]["hidden"][metric.name()][r.token as usize]
+                [r.layer as usize]
+                .as_f64()
+                .expect("a computed cell");
+            let ours = f64::from(r.value(metric));
+            assert!((ours - theirs).abs() <= tolerance(metric), "{r:?} {metric}: vs {theirs}");
+            compared += 1;
+        }
+        // "scores" stays p(answer): the prob metric's table.
+        let (t, l) = (r.token as usize, r.layer as usize);
+        assert_eq!(trace["scores"]["hidden"][t][l], trace["metrics"]["hidden"]["prob"][t][l]);
     }
-    assert_eq!(compared, 2 * 30);
+    assert_eq!(compared, 2 * 30 * 4);
+    // Noising: the last layer's state at the last token replaced gives the corrupted run.
+    let last = tables
+        .traces
+        .iter()
+        .find(|r| r.known_id == 254 && r.layer == 29 && r.token as usize + 1 == fact.n_tokens)
+        .expect("the last cell");
+    let corrupted = fact.corrupted.expect("metrics");
+    assert!((f64::from(last.score) - corrupted.prob).abs() <= SCORE_TOLERANCE, "{last:?}");
+    assert!((f64::from(last.kl) - corrupted.kl).abs() <= METRIC_TOLERANCE, "{last:?}");
 
     // The aggregate and DuckDB read a sweep without noise levels, and agree on its ATE.
     let summary = tmp.path().join("summary");

@@ -162,7 +162,7 @@ pub async fn serve(loaded: Arc<LoadedModel>, opts: ServeOptions) -> anyhow::Resu
                             let finished = Finished {
                                 job_id: job.job_id.clone(),
                                 lease_id: job.lease_id,
-                                result,
+                                result: *result,
                                 seconds,
                             };
                             if !hand_in(&session, &finished, &mut backoff).await? {
@@ -304,7 +304,8 @@ async fn hand_in(
 }
 
 enum JobOutcome {
-    Done(proto::complete_request::Result, f64),
+    // Boxed: a trace result (with its metrics) is far larger than the other outcomes.
+    Done(Box<proto::complete_request::Result>, f64),
     Failed(job::JobError),
     Released,
 }
@@ -350,7 +351,7 @@ async fn run_job(
             joined = &mut task => {
                 let seconds = started.elapsed().as_secs_f64();
                 return match joined {
-                    Ok(Ok(result)) => JobOutcome::Done(result, seconds),
+                    Ok(Ok(result)) => JobOutcome::Done(Box::new(result), seconds),
                     Ok(Err(e)) => JobOutcome::Failed(e),
                     Err(e) => JobOutcome::Failed(job::JobError {
                         stage: "trace",
