@@ -94,66 +94,76 @@ pub fn assert_same(what: &str, naive: &FactTrace, fast: &FactTrace) -> usize {
     compared
 }
 
+/// The tiny models' fact: "owned" is within reach of the last token through Mistral's
+/// window of 4 over 3 layers.
+const OWNED: FactInput<'static> = FactInput {
+    known_id: 17,
+    prompt: "Beats Music is owned by",
+    subject: "owned",
+    expect: None,
+    candidates: &[],
+};
+
+/// Traces `OWNED` both ways for every case on every tiny family and hands `check` the name,
+/// the naive and fast traces, and the family's heads.
+fn on_tiny_models(cases: &[(&str, Resolved)], check: impl Fn(&str, &FactTrace, &FactTrace, usize)) {
+    let opts = TraceOptions::default();
+    for name in TINY {
+        let loaded = tiny(name);
+        let tok = loaded.tokenizer().expect("tokenizer");
+        let heads = loaded.model.dims().n_heads;
+        for (case, exp) in cases {
+            let what = format!("{name}/{case}");
+            let naive =
+                trace_fact(&loaded.model, tok, &OWNED, exp, &opts, Path::Naive).expect("naive");
+            let fast =
+                trace_fact(&loaded.model, tok, &OWNED, exp, &opts, Path::Fast).expect("fast");
+            check(&what, &naive, &fast, heads);
+        }
+    }
+}
+
 /// Full tables, every kind, Gaussian / uniform / replace noise, both seed modes (the
 /// severed kinds with ROME's two draws in the first case).
 #[test]
 fn fast_equals_naive_on_tiny_models() {
-    let fact = FactInput {
-        known_id: 17,
-        prompt: "Beats Music is owned by",
-        // Within reach of the last token through Mistral's window of 4 over 3 layers.
-        subject: "owned",
-        expect: None,
-        candidates: &[],
-    };
     let all = Kind::ALL;
     let cases = [
         ("gaussian", experiment(&all, 1.0, Distribution::Normal, false, SeedMode::Rome)),
         ("uniform", experiment(&all, 2.0, Distribution::Uniform, false, SeedMode::PerFact)),
         ("replace", experiment(&all, 0.5, Distribution::Normal, true, SeedMode::PerFact)),
     ];
-    let opts = TraceOptions::default();
-    for name in TINY {
-        let loaded = tiny(name);
-        let tok = loaded.tokenizer().expect("tokenizer");
-        let heads = loaded.model.dims().n_heads;
-        for (noise, exp) in &cases {
-            let what = format!("{name}/{noise}");
-            let naive =
-                trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Naive).expect("naive");
-            let fast = trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Fast).expect("fast");
-            let t_len = fast.tokens.len();
-            let n = assert_same(&what, &naive, &fast);
-            assert_eq!(n, t_len * 3 * (5 + heads), "{what}: every cell compared");
-            // One token per byte: "owned" is bytes 15..20.
-            assert_eq!(fast.subject_range, (15, 20), "{what}");
-            // Restoring the last token's final state gives back the clean prediction, with
-            // or without severed paths.
-            for kind in [Kind::Hidden, Kind::SeveredMlp, Kind::SeveredAttn] {
-                let top_right = fast.scores[&kind].at(t_len - 1, 2);
-                assert!(
-                    (top_right - fast.high_score).abs() <= TOLERANCE,
-                    "{what}: {kind} {top_right} vs high {}",
-                    fast.high_score
-                );
-            }
-            // The corruption does something, and restoring states undoes some of it.
-            assert!(fast.high_score != fast.low_score, "{what}: noise changed nothing");
-            for (kind, table) in &fast.scores {
-                let moved =
-                    table.computed().filter(|(_, s)| (s - fast.low_score).abs() > 1e-3).count();
-                assert!(moved > 3, "{what}: {kind}: only {moved} cells differ from low_score");
-            }
-            // Severing changes the restored hidden state's effect.
-            let hidden = &fast.scores[&Kind::Hidden];
-            let severed = &fast.scores[&Kind::SeveredMlp];
-            let differ = (15..t_len)
-                .flat_map(|t| (0..3).map(move |l| (t, l)))
-                .filter(|&(t, l)| (hidden.at(t, l) - severed.at(t, l)).abs() > 1e-4)
-                .count();
-            assert!(differ >= 3, "{what}: severing the MLPs changed only {differ} cells");
+    on_tiny_models(&cases, |what, naive, fast, heads| {
+        let t_len = fast.tokens.len();
+        let n = assert_same(&what, &naive, &fast);
+        assert_eq!(n, t_len * 3 * (5 + heads), "{what}: every cell compared");
+        // One token per byte: "owned" is bytes 15..20.
+        assert_eq!(fast.subject_range, (15, 20), "{what}");
+        // Restoring the last token's final state gives back the clean prediction, with
+        // or without severed paths.
+        for kind in [Kind::Hidden, Kind::SeveredMlp, Kind::SeveredAttn] {
+            let top_right = fast.scores[&kind].at(t_len - 1, 2);
+            assert!(
+                (top_right - fast.high_score).abs() <= TOLERANCE,
+                "{what}: {kind} {top_right} vs high {}",
+                fast.high_score
+            );
         }
-    }
+        // The corruption does something, and restoring states undoes some of it.
+        assert!(fast.high_score != fast.low_score, "{what}: noise changed nothing");
+        for (kind, table) in &fast.scores {
+            let moved = table.computed().filter(|(_, s)| (s - fast.low_score).abs() > 1e-3).count();
+            assert!(moved > 3, "{what}: {kind}: only {moved} cells differ from low_score");
+        }
+        // Severing changes the restored hidden state's effect.
+        let hidden = &fast.scores[&Kind::Hidden];
+        let severed = &fast.scores[&Kind::SeveredMlp];
+        let differ = (15..t_len)
+            .flat_map(|t| (0..3).map(move |l| (t, l)))
+            .filter(|&(t, l)| (hidden.at(t, l) - severed.at(t, l)).abs() > 1e-4)
+            .count();
+        assert!(differ >= 3, "{what}: severing the MLPs changed only {differ} cells");
+    });
 }
 
 /// Noising, every kind, both seed modes: the clean run with one state replaced by the
@@ -161,60 +171,49 @@ fn fast_equals_naive_on_tiny_models() {
 /// a state that changes nothing scores the clean values.
 #[test]
 fn noising_fast_equals_naive_on_tiny_models() {
-    let fact = FactInput {
-        known_id: 17,
-        prompt: "Beats Music is owned by",
-        subject: "owned",
-        expect: None,
-        candidates: &[],
-    };
     let all = Kind::ALL;
     let noising = |mut r: Resolved| {
         r.experiment.direction = Direction::Noising;
         Resolved::new(r.experiment, r.noise).expect("valid")
     };
     let cases = [
-        ("rome", noising(experiment(&all, 1.0, Distribution::Normal, false, SeedMode::Rome))),
-        ("per-fact", noising(experiment(&all, 0.5, Distribution::Normal, true, SeedMode::PerFact))),
+        (
+            "noising/rome",
+            noising(experiment(&all, 1.0, Distribution::Normal, false, SeedMode::Rome)),
+        ),
+        (
+            "noising/per-fact",
+            noising(experiment(&all, 0.5, Distribution::Normal, true, SeedMode::PerFact)),
+        ),
     ];
-    let opts = TraceOptions::default();
-    for name in TINY {
-        let loaded = tiny(name);
-        let tok = loaded.tokenizer().expect("tokenizer");
-        let heads = loaded.model.dims().n_heads;
-        for (mode, exp) in &cases {
-            let what = format!("{name}/noising/{mode}");
-            let naive =
-                trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Naive).expect("naive");
-            let fast = trace_fact(&loaded.model, tok, &fact, exp, &opts, Path::Fast).expect("fast");
-            let t_len = fast.tokens.len();
-            assert_eq!(assert_same(&what, &naive, &fast), t_len * 3 * (5 + heads), "{what}");
-            for kind in [Kind::Hidden, Kind::SeveredMlp, Kind::SeveredAttn] {
-                for metric in Metric::ALL {
-                    let table = &fast.metrics[&kind][&metric];
-                    let (top_right, low) = (table.at(t_len - 1, 2), fast.corrupted.get(metric));
-                    assert!(
-                        (f64::from(top_right) - low).abs() <= tolerance(metric),
-                        "{what}: {kind} {metric}: last state {top_right} vs corrupted {low}"
-                    );
-                    // Before the subject nothing changes: the clean values.
-                    let (before, clean) = (table.at(0, 1), fast.clean.get(metric));
-                    assert!(
-                        (f64::from(before) - clean).abs() <= tolerance(metric),
-                        "{what}: {kind} {metric}: {before} vs clean {clean}"
-                    );
-                }
+    on_tiny_models(&cases, |what, naive, fast, heads| {
+        let t_len = fast.tokens.len();
+        assert_eq!(assert_same(&what, &naive, &fast), t_len * 3 * (5 + heads), "{what}");
+        for kind in [Kind::Hidden, Kind::SeveredMlp, Kind::SeveredAttn] {
+            for metric in Metric::ALL {
+                let table = &fast.metrics[&kind][&metric];
+                let (top_right, low) = (table.at(t_len - 1, 2), fast.corrupted.get(metric));
+                assert!(
+                    (f64::from(top_right) - low).abs() <= tolerance(metric),
+                    "{what}: {kind} {metric}: last state {top_right} vs corrupted {low}"
+                );
+                // Before the subject nothing changes: the clean values.
+                let (before, clean) = (table.at(0, 1), fast.clean.get(metric));
+                assert!(
+                    (f64::from(before) - clean).abs() <= tolerance(metric),
+                    "{what}: {kind} {metric}: {before} vs clean {clean}"
+                );
             }
-            for (kind, table) in &fast.scores {
-                let moved =
-                    table.computed().filter(|(_, s)| (s - fast.high_score).abs() > 1e-3).count();
-                assert!(moved > 3, "{what}: {kind}: only {moved} cells differ from high_score");
-            }
-            assert!(fast.clean.kl.abs() < 1e-9, "{what}: clean KL {}", fast.clean.kl);
-            assert!(fast.corrupted.kl > 1e-4, "{what}: corrupted KL {}", fast.corrupted.kl);
-            assert_ne!(fast.foil_id, fast.answer_id, "{what}");
         }
-    }
+        for (kind, table) in &fast.scores {
+            let moved =
+                table.computed().filter(|(_, s)| (s - fast.high_score).abs() > 1e-3).count();
+            assert!(moved > 3, "{what}: {kind}: only {moved} cells differ from high_score");
+        }
+        assert!(fast.clean.kl.abs() < 1e-9, "{what}: clean KL {}", fast.clean.kl);
+        assert!(fast.corrupted.kl > 1e-4, "{what}: corrupted KL {}", fast.corrupted.kl);
+        assert_ne!(fast.foil_id, fast.answer_id, "{what}");
+    });
 }
 
 /// Before the subject a severed cell changes nothing: in ROME's seed mode it scores the
