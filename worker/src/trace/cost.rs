@@ -80,8 +80,9 @@ impl ModelCost {
 }
 
 /// FLOPs of the naive path on a `t_len`-token prompt with subject `[b, e)`: clean and
-/// corrupted runs, then per cell one forward of S + 1 rows over all tokens and layers
-/// (two for a kind that freezes states), logits at every position.
+/// corrupted runs, then per cell one forward of S + 1 rows over all tokens and layers, one
+/// more for a kind that freezes states and one more when noising (the corrupted pass that
+/// captures the cell's states), logits at every position.
 pub fn naive_flops(
     cost: &ModelCost,
     exp: &Experiment,
@@ -94,7 +95,8 @@ pub fn naive_flops(
         .kinds
         .iter()
         .map(|k| {
-            tokens * k.cells_per_token(cost.geometry()) * if k.freezes().is_some() { 2 } else { 1 }
+            let passes = 1 + usize::from(k.freezes().is_some()) + usize::from(exp.noising());
+            tokens * k.cells_per_token(cost.geometry()) * passes
         })
         .sum();
     (2 + runs) as f64 * run
@@ -174,5 +176,12 @@ mod tests {
         full.tokens = common::experiment::Tokens::all();
         let share = fast_flops(&cost, &fig3, 10, (0, 2)) / fast_flops(&cost, &full, 10, (0, 2));
         assert!(share < 0.3, "{share}");
+        // Noising: the naive path runs two passes per cell, the fast path what it did.
+        let noising = Experiment { direction: common::experiment::Direction::Noising, ..exp };
+        let rome = Experiment::rome();
+        assert_eq!(fast_flops(&cost, &noising, 10, (0, 2)), fast_flops(&cost, &rome, 10, (0, 2)));
+        let (two, one) =
+            (naive_flops(&cost, &noising, 10, (0, 2)), naive_flops(&cost, &rome, 10, (0, 2)));
+        assert!(two > 1.9 * one && two < 2.0 * one, "{two} vs {one}");
     }
 }
