@@ -293,6 +293,21 @@ fn aggregate_equals_duckdb(dir: &Path, tmp: &Path) {
     {
         assert!(summary.join(file).is_file(), "{file} missing");
     }
+    compare_with_duckdb(dir, &summary, &[]);
+    // Every metric of the same sweep, raw and as recovery.
+    for metric in ["logprob", "logit_diff", "kl"] {
+        for scale in ["raw", "recovery"] {
+            let flags = ["--metric", metric, "--scale", scale];
+            let out = tmp.join(format!("summary-{metric}-{scale}"));
+            e2e::aggregate(dir, &out, &flags);
+            compare_with_duckdb(dir, &out, &flags);
+        }
+    }
+}
+
+/// The Rust aggregate's summary and headline in `summary` against the rollup and ATE queries
+/// run with the same `flags` (`--metric`, `--scale`: the query tool takes the same options).
+fn compare_with_duckdb(dir: &Path, summary: &Path, flags: &[&str]) {
     let rust: BTreeMap<(String, String, u64), (f64, f64, u64)> =
         e2e::read_csv(&summary.join("summary.csv"))
             .into_iter()
@@ -304,7 +319,7 @@ fn aggregate_equals_duckdb(dir: &Path, tmp: &Path) {
                 )
             })
             .collect();
-    let duck = e2e::duckdb_queries(dir, "correct", &["rollup", "ate"]);
+    let duck = e2e::duckdb_queries_with(dir, flags, &["rollup", "ate"]);
     let rows = duck["rollup"].as_array().expect("rollup rows");
     assert_eq!(rows.len(), rust.values().filter(|v| v.2 > 0).count(), "one row per non-empty cell");
     for row in rows {
@@ -315,7 +330,10 @@ fn aggregate_equals_duckdb(dir: &Path, tmp: &Path) {
         );
         let (aie, std, n) = rust[&key];
         assert_eq!(row["n"].as_u64(), Some(n), "{key:?}");
-        assert!((row["aie"].as_f64().expect("aie") - aie).abs() <= 1e-6, "{key:?}: {row} vs {aie}");
+        assert!(
+            (row["aie"].as_f64().expect("aie") - aie).abs() <= 1e-6,
+            "{flags:?} {key:?}: {row} vs {aie}"
+        );
         assert!((row["std"].as_f64().expect("std") - std).abs() <= 1e-6, "{key:?}: {row} vs {std}");
     }
     let headline: serde_json::Value = serde_json::from_str(
