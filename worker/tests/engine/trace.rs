@@ -135,7 +135,7 @@ fn fast_equals_naive_on_tiny_models() {
     ];
     on_tiny_models(&cases, |what, naive, fast, heads| {
         let t_len = fast.tokens.len();
-        let n = assert_same(&what, &naive, &fast);
+        let n = assert_same(what, naive, fast);
         assert_eq!(n, t_len * 3 * (5 + heads), "{what}: every cell compared");
         // One token per byte: "owned" is bytes 15..20.
         assert_eq!(fast.subject_range, (15, 20), "{what}");
@@ -188,7 +188,7 @@ fn noising_fast_equals_naive_on_tiny_models() {
     ];
     on_tiny_models(&cases, |what, naive, fast, heads| {
         let t_len = fast.tokens.len();
-        assert_eq!(assert_same(&what, &naive, &fast), t_len * 3 * (5 + heads), "{what}");
+        assert_eq!(assert_same(what, naive, fast), t_len * 3 * (5 + heads), "{what}");
         for kind in [Kind::Hidden, Kind::SeveredMlp, Kind::SeveredAttn] {
             for metric in Metric::ALL {
                 let table = &fast.metrics[&kind][&metric];
