@@ -1,8 +1,16 @@
 //! The one forward entry point, shared by every architecture.
 //!
-//! All families here are pre-norm decoders with the same block shape,
-//! `x += attn(x); x += mlp(x)`, so the layer loop, the interventions, the key/value cache and
-//! the LM head are written once, and each family supplies its sublayers through [`Decoder`].
+//! Every family here is a decoder whose block is one of two shapes ([`Residual`]):
+//! sequential, `x += post_attn(attn(x)); x += post_mlp(mlp(x))`, or parallel (GPT-J,
+//! GPT-NeoX), `x += post_attn(attn(x)) + post_mlp(mlp(x))`, where `attn` and `mlp` include
+//! their input norms and the `post_*` norms are the identity except in Gemma 2/3 and OLMo 2.
+//! So the layer loop, the interventions, the key/value cache and the LM head are written once,
+//! and each family supplies its sublayers through [`Decoder`].
+//!
+//! The sites are where ROME's `layername` hooks a module's output: `Attn(l)` and `Mlp(l)` are
+//! the sublayer outputs *before* any post-norm (transformers' `self_attn`/`mlp` modules),
+//! `Block(l)` is the residual stream after the whole block, `Embed` is what the embedding
+//! module returns (scaled by √d in Gemma).
 //!
 //! A forward pass either starts from token ids ([`Start::Tokens`]) or resumes from a prefix
 //! ([`Start::Resume`]): the residual stream entering layer `l` for tokens `t..T`, plus the
@@ -149,7 +157,17 @@ pub struct ForwardOutput {
     pub kv: Option<KvCache>,
 }
 
-/// The parts of a pre-norm decoder that differ between families.
+/// How a block adds its two sublayers to the residual stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residual {
+    /// `x += attn(x)`, then `x += mlp(x)`: the MLP reads the stream after attention.
+    Sequential,
+    /// `x += attn(x) + mlp(x)`: both read the block's input (GPT-J; GPT-NeoX with
+    /// `use_parallel_residual`).
+    Parallel,
+}
+
+/// The parts of a decoder that differ between families.
 pub(crate) trait Decoder {
     /// The model's sizes.
     fn dims(&self) -> &Dims;
@@ -173,6 +191,19 @@ pub(crate) trait Decoder {
     fn attn_out(&self, layer: usize, heads: &Tensor) -> Result<Tensor>;
     /// The MLP sublayer of `layer`, its input norm included.
     fn mlp(&self, layer: usize, xs: &Tensor) -> Result<Tensor>;
+    /// How `layer` adds its sublayers to the residual stream.
+    fn residual(&self, _layer: usize) -> Residual {
+        Residual::Sequential
+    }
+    /// What the attention output becomes before the residual add: a norm in Gemma 2/3 and
+    /// OLMo 2, the identity elsewhere.
+    fn post_attn(&self, _layer: usize, attn: Tensor) -> Result<Tensor> {
+        Ok(attn)
+    }
+    /// What the MLP output becomes before the residual add.
+    fn post_mlp(&self, _layer: usize, mlp: Tensor) -> Result<Tensor> {
+        Ok(mlp)
+    }
     /// Final norm and LM head on `(n, d)` or `(b, t, d)` states.
     fn head(&self, xs: &Tensor) -> Result<Tensor>;
 }
@@ -287,9 +318,20 @@ pub(crate) fn layer_step<M: Decoder + ?Sized>(
     record_heads(captures, iv, layer, n_heads, &heads, pos0)?;
     let attn = model.attn_out(layer, &heads)?;
     let attn = at_site(captures, iv, Site::Attn(layer), attn, pos0)?;
-    let xs = (xs + attn)?;
-    let mlp = at_site(captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
-    let xs = at_site(captures, iv, Site::Block(layer), (xs + mlp)?, pos0)?;
+    let attn = model.post_attn(layer, attn)?;
+    let out = match model.residual(layer) {
+        Residual::Sequential => {
+            let xs = (xs + attn)?;
+            let mlp = at_site(captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
+            (xs + model.post_mlp(layer, mlp)?)?
+        }
+        Residual::Parallel => {
+            let mlp = at_site(captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
+            // GPT-J and GPT-NeoX: attn + mlp + residual, in that order.
+            ((attn + model.post_mlp(layer, mlp)?)? + xs)?
+        }
+    };
+    let xs = at_site(captures, iv, Site::Block(layer), out, pos0)?;
     Ok((xs, kv))
 }
 
