@@ -92,6 +92,46 @@ def tiny_configs():
             num_attention_heads=4, num_key_value_heads=1, head_dim=12, max_position_embeddings=64,
             rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=4,
         ),
+        # Issue 14's Llama-style families. Small windows and soft-caps so that every option
+        # bites within the 12-token fixtures.
+        "qwen3": transformers.Qwen3Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5,
+            max_window_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+        "gemma": transformers.GemmaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+            rms_norm_eps=1e-6,
+        ),
+        "gemma2": transformers.Gemma2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+            rms_norm_eps=1e-6, query_pre_attn_scalar=12, sliding_window=4,
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+        ),
+        "gemma3": transformers.Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+            rms_norm_eps=1e-6, query_pre_attn_scalar=12, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        ),
+        "phi3": transformers.Phi3Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            original_max_position_embeddings=64, rms_norm_eps=1e-5, sliding_window=5,
+            tie_word_embeddings=False, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+        ),
+        "olmo2": transformers.Olmo2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+        ),
     }
 
 

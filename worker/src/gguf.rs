@@ -177,7 +177,7 @@ impl GgufFile {
         let arch = self.architecture()?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
         match arch.as_str() {
-            "llama" | "qwen2" => {
+            "llama" | "qwen2" | "gemma3" => {
                 let hidden = self.usize(&key("embedding_length"))?;
                 let n_heads = self.usize(&key("attention.head_count"))?;
                 if n_heads == 0 {
@@ -192,11 +192,28 @@ impl GgufFile {
                     None => self.strings("tokenizer.ggml.tokens")?.len(),
                 };
                 let rope_scaling = self.rope_scaling(&arch, head_dim)?;
+                let gemma3 = arch == "gemma3";
+                let n_layers = self.usize(&key("block_count"))?;
+                // Gemma 3: five sliding-window layers, then a global one (llama.cpp's and
+                // transformers' default when the file does not say).
+                let layer_types =
+                    gemma3.then(|| {
+                        (0..n_layers)
+                            .map(|i| {
+                                if (i + 1) % 6 == 0 {
+                                    "full_attention"
+                                } else {
+                                    "sliding_attention"
+                                }
+                            })
+                            .map(String::from)
+                            .collect()
+                    });
                 let raw = llama::RawConfig {
-                    model_type: Some(arch.clone()),
+                    model_type: Some(if gemma3 { "gemma3_text".into() } else { arch.clone() }),
                     hidden_size: hidden,
                     intermediate_size: self.usize(&key("feed_forward_length"))?,
-                    num_hidden_layers: self.usize(&key("block_count"))?,
+                    num_hidden_layers: n_layers,
                     num_attention_heads: n_heads,
                     num_key_value_heads: Some(n_kv_heads),
                     head_dim: Some(head_dim),
@@ -207,17 +224,24 @@ impl GgufFile {
                     rope_theta: Some(self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0)),
                     rope_scaling: None,
                     rope_parameters: None,
+                    rope_local_base_freq: gemma3.then_some(10000.0),
                     max_position_embeddings: self
                         .usize_opt(&key("context_length"))?
                         .unwrap_or(2048),
-                    tie_word_embeddings: !self.has_tensor("output.weight"),
+                    tie_word_embeddings: Some(!self.has_tensor("output.weight")),
                     attention_bias: false,
                     mlp_bias: false,
-                    hidden_act: "silu".into(),
-                    sliding_window: None,
+                    hidden_act: None,
+                    hidden_activation: None,
+                    sliding_window: self.usize_opt(&key("attention.sliding_window"))?,
                     use_sliding_window: None,
                     max_window_layers: None,
-                    layer_types: None,
+                    sliding_window_pattern: None,
+                    layer_types,
+                    // transformers' GGUF loader: Gemma 3 scales queries by head_dim^-1/2.
+                    query_pre_attn_scalar: gemma3.then_some(head_dim as f64),
+                    attn_logit_softcapping: None,
+                    final_logit_softcapping: None,
                 };
                 let mut cfg = raw.into_config(&self.path.display().to_string())?;
                 cfg.rope_scaling = rope_scaling;
@@ -289,6 +313,8 @@ enum Relayout {
     RopeRows(usize),
     /// Transposed (GPT-2 `Conv1D`).
     Transpose,
+    /// Minus one (Gemma's norm weights, which llama.cpp stores as `1 + w`).
+    MinusOne,
 }
 
 /// A GGUF file as a source of Hugging Face-named tensors.
@@ -315,13 +341,26 @@ impl GgufSource {
             "gpt2" => gpt2_name(hf),
             // llama.cpp permutes q/k for its "llama" architecture only; Qwen2 uses NeoX RoPE
             // there and is stored as is.
-            "llama" => llama_name(hf, Some((self.n_heads, self.n_kv_heads))),
-            _ => llama_name(hf, None),
+            "llama" => llama_name(hf, Some((self.n_heads, self.n_kv_heads)), false),
+            // llama.cpp's converter adds 1 to Gemma's norm weights, which transformers'
+            // checkpoint holds zero-centred: subtract it again.
+            "gemma3" => llama_name(hf, None, true).map(|(name, relayout)| {
+                if name.ends_with("norm.weight") {
+                    (name, Relayout::MinusOne)
+                } else {
+                    (name, relayout)
+                }
+            }),
+            _ => llama_name(hf, None, false),
         }
     }
 }
 
-fn llama_name(hf: &str, permute: Option<(usize, usize)>) -> Option<(String, Relayout)> {
+fn llama_name(
+    hf: &str,
+    permute: Option<(usize, usize)>,
+    sandwich: bool,
+) -> Option<(String, Relayout)> {
     let same = |s: &str| Some((s.to_string(), Relayout::Same));
     match hf {
         "model.embed_tokens.weight" => return same("token_embd.weight"),
@@ -334,6 +373,12 @@ fn llama_name(hf: &str, permute: Option<(usize, usize)>) -> Option<(String, Rela
     let (part, suffix) = name.rsplit_once('.')?;
     let gguf = match part {
         "input_layernorm" => "attn_norm",
+        // Gemma's sandwich norms (llama.cpp's names for gemma2/gemma3).
+        "post_attention_layernorm" if sandwich => "post_attention_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "post_attention_layernorm" => "ffn_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
@@ -404,6 +449,7 @@ impl TensorSource for GgufSource {
         let t = match relayout {
             Relayout::Same => t,
             Relayout::Transpose => t.t()?.contiguous()?,
+            Relayout::MinusOne => (t - 1.0)?,
             Relayout::RopeRows(n_head) => {
                 if n_head == 0 || t.dims()[0] % (2 * n_head) != 0 {
                     return Err(Error::ShapeMismatch {
@@ -427,7 +473,11 @@ mod tests {
     #[test]
     fn names_map_to_llama_cpp() {
         let check = |hf: &str, gguf: &str, relayout: Relayout| {
-            assert_eq!(llama_name(hf, Some((9, 3))), Some((gguf.to_string(), relayout)), "{hf}");
+            assert_eq!(
+                llama_name(hf, Some((9, 3)), false),
+                Some((gguf.to_string(), relayout)),
+                "{hf}"
+            );
         };
         check("model.embed_tokens.weight", "token_embd.weight", Relayout::Same);
         check(
@@ -442,7 +492,7 @@ mod tests {
         );
         check("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight", Relayout::Same);
         assert_eq!(
-            llama_name("model.layers.0.self_attn.q_proj.weight", None).map(|x| x.1),
+            llama_name("model.layers.0.self_attn.q_proj.weight", None, false).map(|x| x.1),
             Some(Relayout::Same)
         );
         assert_eq!(

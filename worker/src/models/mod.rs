@@ -2,6 +2,7 @@
 
 pub mod gpt2;
 pub mod llama;
+pub mod llama_config;
 pub(crate) mod nn;
 pub(crate) mod ops;
 pub mod rope;
@@ -14,14 +15,15 @@ use crate::intervene::Interventions;
 use crate::weights::Weights;
 
 /// The architectures the engine implements, as config.json's `model_type` names them.
-pub const SUPPORTED: &str = "gpt2, llama, mistral, qwen2";
+pub const SUPPORTED: &str =
+    "gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2";
 
 /// A family's resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
     /// GPT-2.
     Gpt2(gpt2::Config),
-    /// Llama, SmolLM2, Mistral, Qwen2.
+    /// Llama, SmolLM2, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2.
     Llama(llama::Config),
 }
 
@@ -37,7 +39,7 @@ impl ModelConfig {
             "gpt2" => {
                 Ok(Self::Gpt2(deserialize::<gpt2::RawConfig>(value, source)?.into_config(source)?))
             }
-            "llama" | "mistral" | "qwen2" => Ok(Self::Llama(
+            t if llama::MODEL_TYPES.contains(&t) => Ok(Self::Llama(
                 deserialize::<llama::RawConfig>(value, source)?.into_config(source)?,
             )),
             _ => Err(Error::UnknownArchitecture {

@@ -60,6 +60,19 @@ pub(crate) fn causal_attention(
     scale: f64,
     window: Option<usize>,
 ) -> Result<Tensor> {
+    causal_attention_capped(q, kv, pos0, scale, window, None)
+}
+
+/// [`causal_attention`] with Gemma 2's soft-capping of the scaled scores, `c · tanh(s / c)`,
+/// before the mask (as transformers' `eager_attention_forward` applies it).
+pub(crate) fn causal_attention_capped(
+    q: &Tensor,
+    kv: &LayerKv,
+    pos0: usize,
+    scale: f64,
+    window: Option<usize>,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b_sz, n_heads, t_q, head_dim) = q.dims4()?;
     let (_, n_kv_heads, t_k, _) = kv.k.dims4()?;
     let n_rep = n_heads / n_kv_heads;
@@ -68,6 +81,10 @@ pub(crate) fn causal_attention(
     let q = q.reshape((b_sz, n_kv_heads, n_rep * t_q, head_dim))?;
     // Scores, mask and softmax in f32 whatever the model's dtype, as transformers does.
     let scores = (q.matmul(&kv.k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match softcap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    };
     let scores = match causal_mask(t_q, t_k, pos0, window, q.device())? {
         Some(mask) => scores
             .reshape((b_sz, n_kv_heads, n_rep, t_q, t_k))?

@@ -23,6 +23,16 @@ pub(crate) fn silu_mul_reference(x: &Tensor, half: usize) -> Result<Tensor> {
     Ok((candle_nn::ops::silu(&gate.contiguous()?)? * up)?)
 }
 
+/// `gelu(x[..., :half]) * x[..., half:]` with GELU's tanh approximation (`gelu_pytorch_tanh`):
+/// GeGLU, Gemma's gated MLP. The plain candle composition on every device: the MLP's matmuls
+/// dominate Gemma's time, not this.
+pub(crate) fn gelu_mul(x: &Tensor, half: usize) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    let gate = x.narrow(last, 0, half)?;
+    let up = x.narrow(last, half, half)?;
+    Ok((gate.contiguous()?.gelu()? * up)?)
+}
+
 struct SiluMul {
     half: usize,
 }

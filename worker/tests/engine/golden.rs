@@ -14,6 +14,11 @@ use crate::util::{TINY, fixture, logits, max_abs_diff, smollm2, tiny};
 
 const TOLERANCE: f32 = 1e-3;
 
+/// The tiny models: three layers of width 32, so the summation-order noise is ~1e-5
+/// (measured: at most 2e-5, Gemma 3); 1e-4 is the bound, and still five times the
+/// noise, while a wrong window, soft-cap, norm placement or RoPE base moves logits by 1e-2+.
+const TINY_TOLERANCE: f32 = 1e-4;
+
 fn reference(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).expect("reference fixture")
 }
@@ -28,12 +33,12 @@ fn tiny_models_match_transformers() {
         let expected = &reference["logits"];
         let actual = logits(&loaded.model, &ids, Logits::All);
         let diff = max_abs_diff(&actual, expected);
-        assert!(diff <= TOLERANCE, "{name}: max |logit - reference| = {diff}");
+        assert!(diff <= TINY_TOLERANCE, "{name}: max |logit - reference| = {diff}");
         // The last-position shortcut is the last row of the full computation.
         let last = logits(&loaded.model, &ids, Logits::Last);
         let (_, t, _) = expected.dims3().expect("dims");
         let diff_last = max_abs_diff(&last, &expected.i((.., t - 1, ..)).expect("slice"));
-        assert!(diff_last <= TOLERANCE, "{name}: last position differs by {diff_last}");
+        assert!(diff_last <= TINY_TOLERANCE, "{name}: last position differs by {diff_last}");
         eprintln!("{name}: max |logit - reference| = {diff:.2e}");
     }
 }

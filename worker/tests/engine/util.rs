@@ -82,7 +82,9 @@ pub fn tiny(name: &str) -> LoadedModel {
 }
 
 /// All tiny families.
-pub const TINY: [&str; 4] = ["gpt2", "llama", "qwen2", "mistral"];
+pub const TINY: &[&str] = &[
+    "gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
+];
 
 /// Largest absolute difference between two tensors of equal shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
