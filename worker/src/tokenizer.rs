@@ -5,7 +5,8 @@
 //! builders write the `tokenizer.json` that the original model repository would carry, so the
 //! same library code runs in every case. For GGUF the pre-tokenizer is chosen by
 //! `tokenizer.ggml.pre` the way llama.cpp chooses it (e.g. SmolLM splits digits one by one),
-//! and BOS is added only when `tokenizer.ggml.add_bos_token` says so.
+//! and BOS is added only when `tokenizer.ggml.add_bos_token` says so. SentencePiece
+//! vocabularies (`tokenizer.ggml.model = "llama"`, Gemma's) are rebuilt in `tokenizer/spm.rs`.
 
 use std::path::Path;
 
@@ -13,6 +14,8 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+
+mod spm;
 
 /// Llama 3's split pattern (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -94,13 +97,17 @@ impl Tokenizer {
             message,
         };
         let model = file.str_opt("tokenizer.ggml.model")?.unwrap_or("gpt2");
-        if model != "gpt2" {
-            return Err(err(
-                "tokenizer.ggml.model",
-                format!(
-                    "{model:?} tokenizers are not implemented (only byte-level BPE, \"gpt2\"); load the model's Hugging Face folder with its tokenizer.json instead"
-                ),
-            ));
+        match model {
+            "gpt2" => {}
+            "llama" => return Self::sentencepiece_from_gguf(file),
+            _ => {
+                return Err(err(
+                    "tokenizer.ggml.model",
+                    format!(
+                        "{model:?} tokenizers are not implemented (byte-level BPE, \"gpt2\", and Gemma's SentencePiece, \"llama\"); load the model's Hugging Face folder with its tokenizer.json instead"
+                    ),
+                ));
+            }
         }
         let tokens = file.strings("tokenizer.ggml.tokens")?;
         let merges: Vec<Value> = file
@@ -132,28 +139,67 @@ impl Tokenizer {
                 _ => {}
             }
         }
-        let special = |key: &str| -> Result<Option<(u64, String)>> {
-            let Some(id) = file.usize_opt(key)? else { return Ok(None) };
-            let token = tokens
-                .get(id)
-                .ok_or_else(|| err(key, format!("id {id} is outside the vocabulary")))?;
-            Ok(Some((id as u64, token.clone())))
-        };
-        let bos = if file.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false) {
-            special("tokenizer.ggml.bos_token_id")?
-        } else {
-            None
-        };
-        let eos = if file.bool_opt("tokenizer.ggml.add_eos_token")?.unwrap_or(false) {
-            special("tokenizer.ggml.eos_token_id")?
-        } else {
-            None
-        };
-        let post = template_processing(bos, eos);
+        let post = gguf_post_processor(file, &tokens, false)?;
         Self::from_json(
             &byte_level_bpe(Value::Object(vocab), merges, pre_tokenizer, added, post),
             source,
         )
+    }
+
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`), as transformers builds it
+    /// for the file's architecture; only Gemma's is implemented. BOS is added unless
+    /// `tokenizer.ggml.add_bos_token` is false: llama.cpp and transformers both default it to
+    /// true for SentencePiece files.
+    ///
+    /// The BPE model is built directly rather than through a `tokenizer.json`: with 262,144
+    /// pieces and 514,906 merges, writing and parsing the JSON took about five times as long
+    /// as the builder (2.8 s against 0.5 s for Gemma 3). The smaller parts are still described
+    /// in `tokenizer.json`'s own terms.
+    fn sentencepiece_from_gguf(file: &GgufFile) -> Result<Self> {
+        let source = file.path().display().to_string();
+        let architecture = file.architecture()?;
+        if !spm::GEMMA_ARCHITECTURES.contains(&architecture) {
+            return Err(Error::Config {
+                source_name: source,
+                field: "tokenizer.ggml.model".into(),
+                message: format!(
+                    "SentencePiece (\"llama\") tokenizers are implemented for Gemma ({}) only, and this file's architecture is {architecture:?}; load the model's Hugging Face folder with its tokenizer.json instead",
+                    spm::GEMMA_ARCHITECTURES.join(", ")
+                ),
+            });
+        }
+        let tokens = file.strings("tokenizer.ggml.tokens")?;
+        let types = file.ints_opt("tokenizer.ggml.token_type")?.unwrap_or_default();
+        let mut named = Vec::new();
+        for key in [
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.padding_token_id",
+        ] {
+            named.extend(special_token(file, &tokens, key)?.map(|(id, _)| id as usize));
+        }
+        let tokenizer_error =
+            |message: String| Error::Tokenizer { source_name: source.clone(), message };
+        let parts = spm::gemma(&tokens, &types, &named).map_err(tokenizer_error)?;
+        let post = gguf_post_processor(file, &tokens, true)?;
+
+        let mut inner = tokenizers::Tokenizer::new(parts.model);
+        inner
+            .with_normalizer(Some(parts.normalizer))
+            .map_err(|e| tokenizer_error(e.to_string()))?;
+        inner.with_pre_tokenizer(Some(parts.pre_tokenizer));
+        inner.with_decoder(Some(parts.decoder));
+        if !post.is_null() {
+            let post: tokenizers::PostProcessorWrapper =
+                serde_json::from_value(post).map_err(|e| tokenizer_error(e.to_string()))?;
+            inner.with_post_processor(Some(post));
+        }
+        // Control pieces first, then user-defined ones, in file order, as transformers adds
+        // them; every one is already a piece, so each keeps its id.
+        inner.add_special_tokens(parts.special).map_err(|e| tokenizer_error(e.to_string()))?;
+        inner.add_tokens(parts.user_defined).map_err(|e| tokenizer_error(e.to_string()))?;
+        Ok(Self { inner, source })
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer adds (BOS where it does).
@@ -249,6 +295,33 @@ fn pre_tokenizer_for(pre: &str) -> Option<Value> {
     })
 }
 
+/// The id and piece a GGUF metadata key (`tokenizer.ggml.bos_token_id`, …) names, if present.
+fn special_token(file: &GgufFile, tokens: &[String], key: &str) -> Result<Option<(u64, String)>> {
+    let Some(id) = file.usize_opt(key)? else { return Ok(None) };
+    let token = tokens.get(id).ok_or_else(|| Error::Config {
+        source_name: file.path().display().to_string(),
+        field: key.into(),
+        message: format!("id {id} is outside the vocabulary ({} tokens)", tokens.len()),
+    })?;
+    Ok(Some((id as u64, token.clone())))
+}
+
+/// The post-processor adding BOS and EOS as `tokenizer.ggml.add_bos_token` and
+/// `add_eos_token` say; `bos_by_default` is what a file without the flag gets.
+fn gguf_post_processor(file: &GgufFile, tokens: &[String], bos_by_default: bool) -> Result<Value> {
+    let bos = if file.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(bos_by_default) {
+        special_token(file, tokens, "tokenizer.ggml.bos_token_id")?
+    } else {
+        None
+    };
+    let eos = if file.bool_opt("tokenizer.ggml.add_eos_token")?.unwrap_or(false) {
+        special_token(file, tokens, "tokenizer.ggml.eos_token_id")?
+    } else {
+        None
+    };
+    Ok(template_processing(bos, eos))
+}
+
 fn template_processing(bos: Option<(u64, String)>, eos: Option<(u64, String)>) -> Value {
     if bos.is_none() && eos.is_none() {
         return Value::Null;
@@ -264,8 +337,15 @@ fn template_processing(bos: Option<(u64, String)>, eos: Option<(u64, String)>) -
         single.push(json!({"SpecialToken": {"id": token, "type_id": 0}}));
         special_tokens.insert(token.clone(), json!({"id": token, "ids": [id], "tokens": [token]}));
     }
+    // transformers' pair template repeats BOS and EOS around the second sequence.
     let mut pair = single.clone();
+    if let Some((_, token)) = &bos {
+        pair.push(json!({"SpecialToken": {"id": token, "type_id": 1}}));
+    }
     pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
+    if let Some((_, token)) = &eos {
+        pair.push(json!({"SpecialToken": {"id": token, "type_id": 1}}));
+    }
     json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens})
 }
 

