@@ -224,6 +224,8 @@ impl GgufFile {
                     rope_theta: Some(self.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0)),
                     rope_scaling: None,
                     rope_parameters: None,
+                    partial_rotary_factor: None,
+                    original_max_position_embeddings: None,
                     rope_local_base_freq: gemma3.then_some(10000.0),
                     max_position_embeddings: self
                         .usize_opt(&key("context_length"))?
@@ -328,9 +330,10 @@ pub(crate) struct GgufSource {
 impl GgufSource {
     pub(crate) fn new(file: GgufFile, cfg: &ModelConfig) -> Result<Self> {
         let arch = file.architecture()?.to_string();
+        // The head counts only steer llama.cpp's q/k permutation, which is Llama's alone.
         let (n_heads, n_kv_heads) = match cfg {
             ModelConfig::Llama(c) => (c.n_heads, c.n_kv_heads),
-            ModelConfig::Gpt2(c) => (c.n_head, c.n_head),
+            _ => (0, 0),
         };
         Ok(Self { file, arch, n_heads, n_kv_heads })
     }

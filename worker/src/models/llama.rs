@@ -11,35 +11,13 @@ use candle_core::{DType, Device, Tensor};
 use super::nn::{Linear, causal_attention_capped, extend_kv, merge_heads, split_heads};
 use super::ops::{gelu_mul, silu_mul};
 use super::rope::{Rope, RopeScaling};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::forward::{Decoder, Dims, LayerKv};
 use crate::weights::Weights;
 
 pub use super::llama_config::{
     Config, GateActivation, MODEL_TYPES, NormPlacement, QkNorm, RawConfig,
 };
-
-/// Reads the RoPE base and scaling from either transformers 4 or 5 fields.
-pub(crate) fn rope_from_config(raw: &RawConfig, source: &str) -> Result<(f32, RopeScaling)> {
-    if raw.num_attention_heads == 0 {
-        return Err(Error::Config {
-            source_name: source.to_string(),
-            field: "num_attention_heads".into(),
-            message: "0 heads".into(),
-        });
-    }
-    let fields = super::rope::RopeFields {
-        rope_theta: raw.rope_theta,
-        rope_scaling: raw.rope_scaling.as_ref(),
-        rope_parameters: raw.rope_parameters.as_ref(),
-        max_position_embeddings: raw.max_position_embeddings,
-        // Checks LongRoPE's factor lists against the heads.
-        head_dim: Some(raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads)),
-        ..Default::default()
-    };
-    let rope = super::rope::rope_from_config(&fields, None, source)?;
-    Ok((rope.theta, rope.scaling))
-}
 
 /// q, k and v share one matmul: their weights are stacked at load time (Phi-3 stores them
 /// stacked already).
@@ -225,7 +203,7 @@ impl Llama {
             if tied { embed.clone() } else { w.get("lm_head.weight", &[cfg.vocab_size, d])? };
         let lm_head = Linear::from_out_in(head_weight, None, "lm_head")?;
         let rope = |theta: f32, scaling: &RopeScaling| {
-            Rope::new(hd, theta, scaling, cfg.max_positions, embed.dtype(), w.device())
+            Rope::new(cfg.rotary_dim, theta, scaling, cfg.max_positions, embed.dtype(), w.device())
         };
         let mut ropes = vec![rope(cfg.rope_theta, &cfg.rope_scaling)?];
         if let Some((theta, scaling)) = &cfg.local_rope {

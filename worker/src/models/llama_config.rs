@@ -9,8 +9,7 @@
 
 use serde::Deserialize;
 
-use super::llama::rope_from_config;
-use super::rope::RopeScaling;
+use super::rope::{RopeConfig, RopeFields, RopeScaling, rope_from_config};
 use crate::error::{Error, Result};
 
 /// The `model_type` values this decoder reads.
@@ -52,6 +51,13 @@ pub struct RawConfig {
     /// Gemma 3 one per layer type (`full_attention`, `sliding_attention`).
     #[serde(default)]
     pub rope_parameters: Option<serde_json::Value>,
+    /// Fraction of each head that is rotated (Phi-3 family; transformers 5 may keep it in
+    /// `rope_parameters`).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    /// Phi-3's pre-training length for LongRoPE, outside `rope_scaling` (it wins there).
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
     /// Gemma 3 in transformers 4: the RoPE base of the sliding-window layers.
     #[serde(default)]
     pub rope_local_base_freq: Option<f64>,
@@ -164,6 +170,8 @@ pub struct Config {
     pub rope_theta: f32,
     /// RoPE scaling (of the global layers where they differ).
     pub rope_scaling: RopeScaling,
+    /// The rotated width of each head (`head_dim` unless `partial_rotary_factor` says less).
+    pub rotary_dim: usize,
     /// Gemma 3: the RoPE base and scaling of the sliding-window layers.
     pub local_rope: Option<(f32, RopeScaling)>,
     /// Trained context length.
@@ -245,7 +253,14 @@ impl RawConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(err("head_dim", format!("{head_dim} is not a positive even number")));
         }
-        let (rope_theta, rope_scaling, local_rope) = self.ropes(&model_type, source)?;
+        let (global, local_rope) = self.ropes(&model_type, head_dim, source)?;
+        let rotary_dim = global.rotary_dim(head_dim);
+        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+            return Err(err(
+                "partial_rotary_factor",
+                format!("rotates {rotary_dim} of {head_dim} dimensions: not a positive even width"),
+            ));
+        }
         let windows = self.layer_windows(&model_type);
         let norms = match model_type.as_str() {
             "gemma2" | "gemma3_text" => NormPlacement::Sandwich,
@@ -281,10 +296,12 @@ impl RawConfig {
             head_dim,
             vocab_size: self.vocab_size,
             rms_norm_eps: self.rms_norm_eps as f32,
-            rope_theta,
-            rope_scaling,
+            rope_theta: global.theta,
+            // Dynamic NTK exists to run past the trained length.
+            max_positions: global.scaling.max_positions(self.max_position_embeddings),
+            rope_scaling: global.scaling,
+            rotary_dim,
             local_rope,
-            max_positions: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias: self.attention_bias || model_type == "qwen2",
             o_bias: self.attention_bias,
@@ -305,31 +322,38 @@ impl RawConfig {
 
     /// The RoPE of the global layers and, for Gemma 3, of the sliding ones. transformers 5
     /// nests Gemma 3's per layer type; transformers 4 has `rope_local_base_freq`.
-    #[allow(clippy::type_complexity)]
     fn ropes(
         &self,
         model_type: &str,
+        head_dim: usize,
         source: &str,
-    ) -> Result<(f32, RopeScaling, Option<(f32, RopeScaling)>)> {
-        let nested = |key: &str| {
-            self.rope_parameters.as_ref().and_then(|p| p.get(key)).filter(|v| v.is_object())
+    ) -> Result<(RopeConfig, Option<(f32, RopeScaling)>)> {
+        let fields = RopeFields {
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.as_ref(),
+            rope_parameters: self.rope_parameters.as_ref(),
+            partial_rotary_factor: self.partial_rotary_factor,
+            max_position_embeddings: self.max_position_embeddings,
+            original_max_position_embeddings: self.original_max_position_embeddings,
+            head_dim: Some(head_dim),
         };
-        let with = |params: Option<&serde_json::Value>| {
-            let raw = RawConfig { rope_parameters: params.cloned(), ..self.clone() };
-            rope_from_config(&raw, source)
-        };
-        let (theta, scaling) = match nested("full_attention") {
-            Some(p) => with(Some(p))?,
-            None => rope_from_config(self, source)?,
-        };
-        if model_type != "gemma3_text" {
-            return Ok((theta, scaling, None));
+        let gemma3 = model_type == "gemma3_text";
+        let global = rope_from_config(&fields, gemma3.then_some("full_attention"), source)?;
+        if !gemma3 {
+            return Ok((global, None));
         }
-        let local = match nested("sliding_attention") {
-            Some(p) => with(Some(p))?,
-            None => (self.rope_local_base_freq.unwrap_or(10000.0) as f32, RopeScaling::Default),
+        let nested = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("sliding_attention"))
+            .is_some_and(serde_json::Value::is_object);
+        let local = if nested {
+            let local = rope_from_config(&fields, Some("sliding_attention"), source)?;
+            (local.theta, local.scaling)
+        } else {
+            (self.rope_local_base_freq.unwrap_or(10000.0) as f32, RopeScaling::Default)
         };
-        Ok((theta, scaling, Some(local)))
+        Ok((global, Some(local)))
     }
 
     /// The attention window of every layer, as transformers decides it per family.

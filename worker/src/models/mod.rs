@@ -1,8 +1,10 @@
 //! The model families, one file each, behind one [`Model`] type.
 
 pub mod gpt2;
+pub mod gptj;
 pub mod llama;
 pub mod llama_config;
+pub mod neox;
 pub(crate) mod nn;
 pub(crate) mod ops;
 pub mod rope;
@@ -16,7 +18,7 @@ use crate::weights::Weights;
 
 /// The architectures the engine implements, as config.json's `model_type` names them.
 pub const SUPPORTED: &str =
-    "gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2";
+    "gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, gptj, gpt_neox";
 
 /// A family's resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,9 +27,23 @@ pub enum ModelConfig {
     Gpt2(gpt2::Config),
     /// Llama, SmolLM2, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2.
     Llama(llama::Config),
+    /// GPT-J.
+    GptJ(gptj::Config),
+    /// GPT-NeoX, Pythia.
+    GptNeoX(neox::Config),
 }
 
 impl ModelConfig {
+    /// The family's `model_type`.
+    pub fn family(&self) -> &str {
+        match self {
+            Self::Gpt2(_) => "gpt2",
+            Self::Llama(c) => &c.model_type,
+            Self::GptJ(_) => "gptj",
+            Self::GptNeoX(_) => "gpt_neox",
+        }
+    }
+
     /// Reads a Hugging Face `config.json`; `source` names it in errors.
     pub fn from_hf_json(text: &str, source: &str) -> Result<Self> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
@@ -41,6 +57,12 @@ impl ModelConfig {
             }
             t if llama::MODEL_TYPES.contains(&t) => Ok(Self::Llama(
                 deserialize::<llama::RawConfig>(value, source)?.into_config(source)?,
+            )),
+            "gptj" => {
+                Ok(Self::GptJ(deserialize::<gptj::RawConfig>(value, source)?.into_config(source)?))
+            }
+            "gpt_neox" => Ok(Self::GptNeoX(
+                deserialize::<neox::RawConfig>(value, source)?.into_config(source)?,
             )),
             _ => Err(Error::UnknownArchitecture {
                 source_name: source.to_string(),
@@ -68,28 +90,34 @@ fn deserialize<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// A loaded transformer with intervention points.
-pub enum Model {
-    /// GPT-2.
-    Gpt2(gpt2::Gpt2),
-    /// Llama-style.
-    Llama(llama::Llama),
+/// A loaded transformer with intervention points: a family's [`Decoder`] behind the one
+/// forward pass of [`crate::forward`].
+pub struct Model {
+    decoder: Box<dyn Decoder + Send + Sync>,
+    config: ModelConfig,
+    device: candle_core::Device,
 }
 
 impl Model {
-    /// Builds the model of `cfg` from `weights`.
+    /// Builds the model of `cfg` from `weights`. The only place that names each family's
+    /// model type; everything else reaches it through [`Decoder`].
     pub(crate) fn new(cfg: ModelConfig, weights: &Weights) -> Result<Self> {
-        Ok(match cfg {
-            ModelConfig::Gpt2(c) => Self::Gpt2(gpt2::Gpt2::new(c, weights)?),
-            ModelConfig::Llama(c) => Self::Llama(llama::Llama::new(c, weights)?),
-        })
+        let decoder: Box<dyn Decoder + Send + Sync> = match cfg.clone() {
+            ModelConfig::Gpt2(c) => Box::new(gpt2::Gpt2::new(c, weights)?),
+            ModelConfig::Llama(c) => Box::new(llama::Llama::new(c, weights)?),
+            ModelConfig::GptJ(c) => Box::new(gptj::GptJ::new(c, weights)?),
+            ModelConfig::GptNeoX(c) => Box::new(neox::GptNeoX::new(c, weights)?),
+        };
+        Ok(Self { decoder, config: cfg, device: weights.device().clone() })
     }
 
     fn decoder(&self) -> &dyn Decoder {
-        match self {
-            Self::Gpt2(m) => m,
-            Self::Llama(m) => m,
-        }
+        self.decoder.as_ref()
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     /// The model's sizes.
@@ -136,17 +164,11 @@ impl Model {
 
     /// The device the weights are on.
     pub fn device(&self) -> &candle_core::Device {
-        match self {
-            Self::Gpt2(m) => m.device(),
-            Self::Llama(m) => m.device(),
-        }
+        &self.device
     }
 
-    /// The family's name.
-    pub fn family(&self) -> &'static str {
-        match self {
-            Self::Gpt2(_) => "gpt2",
-            Self::Llama(_) => "llama",
-        }
+    /// The family's `model_type` (the Llama-style decoder's own, e.g. `gemma3_text`).
+    pub fn family(&self) -> &str {
+        self.config.family()
     }
 }

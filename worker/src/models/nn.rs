@@ -3,8 +3,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::gpt2::Activation;
 use crate::error::Result;
 use crate::forward::LayerKv;
+use crate::weights::Weights;
 
 /// `y = x W + b` with `W` stored as `(in, out)`.
 ///
@@ -146,4 +148,53 @@ pub(crate) fn split_heads(xs: &Tensor, n_heads: usize, head_dim: usize) -> Resul
 pub(crate) fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     let (b_sz, n_heads, seq_len, head_dim) = xs.dims4()?;
     Ok(xs.transpose(1, 2)?.reshape((b_sz, seq_len, n_heads * head_dim))?)
+}
+
+/// LayerNorm with a weight and a bias over the last dimension (GPT-2, GPT-J, GPT-NeoX), as
+/// candle's fused kernel computes it.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    /// In f32, as the kernel applies it.
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`, both `(d)`.
+    pub(crate) fn load(w: &Weights, prefix: &str, d: usize, eps: f32) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{prefix}.weight"), &[d])?,
+            bias: w.get(&format!("{prefix}.bias"), &[d])?,
+            eps,
+        })
+    }
+
+    /// Normalizes `(…, d)`.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+/// The MLP activation a config names (`activation_function`, `hidden_act`), as transformers'
+/// `ACT2FN` defines it; `None` for one the engine does not implement.
+pub(crate) fn activation(name: &str) -> Option<Activation> {
+    match name {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+        "gelu" => Some(Activation::GeluErf),
+        "relu" => Some(Activation::Relu),
+        _ => None,
+    }
+}
+
+/// The activations [`activation`] accepts, for error messages.
+pub(crate) const ACTIVATIONS: &str = "gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu";
+
+/// Applies `act` elementwise.
+pub(crate) fn activate(xs: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::GeluTanh => xs.gelu()?,
+        Activation::GeluErf => xs.gelu_erf()?,
+        Activation::Relu => xs.relu()?,
+    })
 }

@@ -53,6 +53,25 @@ impl ModelCost {
                     n_heads: c.n_heads,
                 }
             }
+            // q, k, v and the output projection, then a two-matrix MLP, like GPT-2.
+            ModelConfig::GptJ(c) => {
+                Self::dense(c.n_embd, c.n_inner, c.vocab_size, c.n_layer, c.n_head)
+            }
+            ModelConfig::GptNeoX(c) => {
+                Self::dense(c.hidden_size, c.intermediate_size, c.vocab_size, c.n_layers, c.n_heads)
+            }
+        }
+    }
+
+    /// A block of `d × 3d` q/k/v, `d × d` output and `d × inner`, `inner × d` MLP matrices.
+    fn dense(d: usize, inner: usize, vocab: usize, n_layers: usize, n_heads: usize) -> Self {
+        let (d, inner) = (d as f64, inner as f64);
+        Self {
+            linear_macs: d * 3.0 * d + d * d + 2.0 * d * inner,
+            attn_macs_per_pair: 2.0 * d,
+            head_macs: d * vocab as f64,
+            n_layers,
+            n_heads,
         }
     }
 
@@ -137,10 +156,7 @@ pub fn fast_flops(
 
 /// The costs of a loaded model.
 pub fn model_cost(model: &Model) -> ModelCost {
-    match model {
-        Model::Gpt2(m) => ModelCost::of(&ModelConfig::Gpt2(m.config().clone())),
-        Model::Llama(m) => ModelCost::of(&ModelConfig::Llama(m.config().clone())),
-    }
+    ModelCost::of(model.config())
 }
 
 #[cfg(test)]

@@ -140,7 +140,7 @@ fn bad_configs_name_the_field() {
         ("llama", |c| c["num_key_value_heads"] = 3.into(), "field `num_key_value_heads`"),
         (
             "llama",
-            |c| c["rope_parameters"]["rope_type"] = "yarn".into(),
+            |c| c["rope_parameters"]["rope_type"] = "proportional".into(),
             "field `rope_parameters.rope_type`",
         ),
         ("gpt2", |c| c["n_embd"] = "wide".into(), "field `n_embd`"),
