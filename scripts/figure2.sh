@@ -10,6 +10,8 @@
 #   CT_FIGURE2_DEVICE=cuda  the workers' device (default: cpu; cuda needs a worker built
 #                           with --features cuda, see deploy/docker/Dockerfile.worker-cuda)
 #   CT_FIGURE2_WORKERS=4    local workers (default: 2; several may share one GPU)
+#   CT_FIGURE2_MODEL=gemma3 the model (default: smollm2, SmolLM2-135M-Instruct; gemma3 is
+#                           Gemma 3 270M, ~6x the cost a fact: hours on a GPU-less machine)
 #   CT_FIGURE2_OUT=DIR      where the sweep's tables go (default: the cache)
 #   CT_SWEEP_FLAGS="..."    more `coordinator run` flags (another experiment: scripts/figure3.sh)
 #   CT_AGGREGATE_FLAGS=".." more `coordinator aggregate` flags (e.g. --facts all)
@@ -28,7 +30,11 @@ read -r -a sweep_flags <<< "${CT_SWEEP_FLAGS:-}"
 read -r -a aggregate_flags <<< "${CT_AGGREGATE_FLAGS:-}"
 features=()
 [ "$device" != cpu ] && features=(--features cuda)
-model=$(scripts/fetch-model.sh)
+case "${CT_FIGURE2_MODEL:-smollm2}" in
+  smollm2) model=$(scripts/fetch-model.sh) ;;
+  gemma3) model=$(scripts/fetch-gemma3.sh) ;;
+  *) echo "figure2.sh: CT_FIGURE2_MODEL must be smollm2 or gemma3" >&2; exit 2 ;;
+esac
 cargo build --release --locked -p worker "${features[@]}"
 cargo build --release --locked -p coordinator
 coordinator="$CARGO_TARGET_DIR/release/coordinator"

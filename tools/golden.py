@@ -17,6 +17,8 @@ It writes, under tests/fixtures/:
   from the GGUF file (dequantized to f32): token ids and last-position logits of a few prompts.
 - smollm2/known_1000_ids.json: transformers' token ids (tokenizer built from the GGUF) of
   every prompt of known_1000.json, keyed by known_id.
+- gemma3/reference.safetensors + prompts.json: Gemma 3 270M (Q4_K_M GGUF, dequantized to
+  f32) on the same prompts, with `--gemma3 PATH --no-tiny` (see write_gemma3).
 
 Everything is seeded, so a rerun with the same library versions rewrites the same files.
 """
@@ -132,6 +134,62 @@ def tiny_configs():
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=0, bos_token_id=0,
         ),
+        # Issue 15: parallel blocks with partial rotary, and the RoPE scalings of real
+        # checkpoints, each set so that it bites within the 12-token fixtures.
+        "gptj": transformers.GPTJConfig(
+            vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=3, n_head=4, rotary_dim=8,
+            n_inner=128, activation_function="gelu_new", tie_word_embeddings=False,
+            bos_token_id=0, eos_token_id=0,
+        ),
+        "gpt_neox": transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=64, rotary_pct=0.25,
+            use_parallel_residual=True, tie_word_embeddings=False, hidden_act="gelu",
+            bos_token_id=0, eos_token_id=0,
+        ),
+        # Sequential residual, and the other options: no attention biases, tied head, another
+        # base and rotated fraction.
+        "gpt_neox_seq": transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=64, rotary_pct=0.5,
+            rotary_emb_base=100, use_parallel_residual=False, attention_bias=False,
+            tie_word_embeddings=True, hidden_act="gelu_new", bos_token_id=0, eos_token_id=0,
+        ),
+        # With head_dim 8 and an original length of 256, yarn's ramp spans the frequencies:
+        # one kept, one blended, two divided; the attention factor is 1 + 0.1 ln 4.
+        "llama_yarn": transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            rms_norm_eps=1e-5, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 256},
+        ),
+        # 12 tokens exceed the original 8: the long factors, and an attention factor of
+        # sqrt(1 + ln 8 / ln 8) from max / original = 8.
+        "llama_longrope": transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-5, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "original_max_position_embeddings": 8,
+                             "short_factor": [1.0, 1.1, 1.3, 1.6],
+                             "long_factor": [1.0, 2.0, 4.0, 8.0]},
+        ),
+        # 12 tokens exceed max_position_embeddings 8: the NTK base grows for the call.
+        "llama_dynamic": transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+            rms_norm_eps=1e-5, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+        ),
+        # Dynamic NTK on a partial rotary width (its exponent uses the rotated width).
+        "gpt_neox_dynamic": transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=8, rotary_pct=0.5,
+            rope_parameters={"rope_type": "dynamic", "factor": 4.0},
+            use_parallel_residual=True, tie_word_embeddings=False, hidden_act="gelu",
+            bos_token_id=0, eos_token_id=0,
+        ),
     }
 
 
@@ -222,13 +280,81 @@ def count_known(model, tokenizer, knowns) -> int:
         ids = tokenizer(k["prompt"], return_tensors="pt").input_ids
         with torch.no_grad():
             top = int(model(input_ids=ids).logits[0, -1].argmax())
-        correct += top == tokenizer(" " + k["attribute"]).input_ids[0]
+        correct += top == tokenizer(" " + k["attribute"], add_special_tokens=False).input_ids[0]
     return correct
+
+
+GEMMA3_TOP = 1000
+
+
+def write_gemma3(gguf_path: Path, knowns_path: Path | None) -> None:
+    """Gemma 3 270M base loaded by transformers from its Q4_K_M GGUF file (dequantized to f32;
+    its loader subtracts the +1 llama.cpp adds to the norm weights) on SMOLLM2_PROMPTS.
+
+    A full last-position row is 262144 f32 logits (1 MiB a prompt), so
+    gemma3/reference.safetensors keeps, per prompt i: `input_ids.{i}` (with the <bos> the
+    tokenizer prepends), and, stacked over prompts, `top_ids` (P, 1000) i64 and `top_logits`
+    (P, 1000) f32, the 1000 largest logits of the row in descending order, and `logsumexp`
+    (P,) f32, the log-sum-exp of the whole row (computed in f64). A test gathers its own
+    logits at `top_ids` for max |delta logit| over the 1000 likeliest tokens, checks its
+    argmax is `top_ids[i, 0]`, its own log-sum-exp against `logsumexp` (the whole row's
+    mass), and p(top-1) = exp(top_logits[i, 0] - logsumexp[i]), also in prompts.json as
+    `top1_prob`. About 100 KB.
+
+    prompts.json also gives `known_1000_first_token_correct`: the facts of known_1000.json
+    whose argmax next token is the first token of " " + attribute (without <bos>).
+    The token ids of known_1000 (known_1000_ids.json) are written elsewhere.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    out = FIXTURES / "gemma3"
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, records = {}, []
+    top_ids, top_logits, lse = [], [], []
+    for i, prompt in enumerate(SMOLLM2_PROMPTS):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1].float()
+        tensors[f"input_ids.{i}"] = ids[0].to(torch.int64).contiguous()
+        top = torch.topk(logits, GEMMA3_TOP)
+        top_ids.append(top.indices.to(torch.int64))
+        top_logits.append(top.values)
+        lse.append(torch.logsumexp(logits.double(), 0))
+        p1 = float(torch.exp(logits[top.indices[0]].double() - lse[-1]))
+        records.append({
+            "prompt": prompt,
+            "ids": ids[0].tolist(),
+            "top5": top.indices[:5].tolist(),
+            "top5_tokens": [tokenizer.decode([t]) for t in top.indices[:5].tolist()],
+            "top1_prob": p1,
+        })
+        print(f"{prompt!r} -> {records[-1]['top5_tokens']} p(top-1) {p1:.4f}")
+    tensors["top_ids"] = torch.stack(top_ids).contiguous()
+    tensors["top_logits"] = torch.stack(top_logits).contiguous()
+    tensors["logsumexp"] = torch.stack(lse).float().contiguous()
+    save_file(tensors, out / "reference.safetensors")
+    meta = {
+        "model": name,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "top_k": GEMMA3_TOP,
+        "prompts": records,
+    }
+    if knowns_path is not None:
+        knowns = json.loads(knowns_path.read_text())
+        meta["known_1000_first_token_correct"] = count_known(model, tokenizer, knowns)
+        print(f"transformers predicts {meta['known_1000_first_token_correct']} of {len(knowns)} known facts")
+    (out / "prompts.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", type=Path, help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--gemma3", type=Path, help="path of gemma-3-270m-q4_k_m.gguf")
     parser.add_argument("--knowns", type=Path, help="known_1000.json, for the tokenizer fixture")
     parser.add_argument("--seed", type=int, default=20221)
     parser.add_argument("--only", help="comma-separated tiny families to write (default: all)")
@@ -240,6 +366,8 @@ def main() -> None:
         write_tiny(args.seed, set(args.only.split(",")) if args.only else None)
     if args.smollm2:
         write_smollm2(args.smollm2, args.knowns)
+    if args.gemma3:
+        write_gemma3(args.gemma3, args.knowns)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 
 mod cli;
 mod errors;
+mod gemma3;
 mod gguf_roundtrip;
 mod golden;
 mod heads;
 mod interventions;
 mod loading;
+mod parallel;
 mod patching;
 mod replacement;
 mod rome;

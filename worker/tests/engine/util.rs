@@ -89,6 +89,15 @@ pub fn smollm2() -> &'static LoadedModel {
     })
 }
 
+/// The loaded Gemma 3 270M, shared by every test of the binary (dequantizing its 262k × 640
+/// embedding takes seconds).
+pub fn gemma3() -> &'static LoadedModel {
+    static MODEL: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        load_model(&gemma3_path(), &LoadOptions::default()).expect("Gemma 3 270M loads")
+    })
+}
+
 /// Loads a tiny fixture model.
 pub fn tiny(name: &str) -> LoadedModel {
     load_model(&fixture(&format!("tiny/{name}")), &LoadOptions::default())
@@ -97,7 +106,23 @@ pub fn tiny(name: &str) -> LoadedModel {
 
 /// All tiny families.
 pub const TINY: &[&str] = &[
-    "gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2",
+    "gpt2",
+    "llama",
+    "qwen2",
+    "mistral",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "gptj",
+    "gpt_neox",
+    "gpt_neox_seq",
+    "llama_yarn",
+    "llama_longrope",
+    "llama_dynamic",
+    "gpt_neox_dynamic",
 ];
 
 /// Largest absolute difference between two tensors of equal shape.
