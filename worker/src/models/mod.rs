@@ -8,6 +8,7 @@ pub mod neox;
 pub(crate) mod nn;
 pub(crate) mod ops;
 pub mod rope;
+pub mod rope_config;
 
 use crate::error::{Error, Result};
 use candle_core::Tensor;
