@@ -31,6 +31,29 @@ Run by hand (torch, transformers, gguf, numpy; see tools/golden-requirements.txt
 
 The first takes 2 threads, the second 1 (--threads overrides); the second ran in about 10
 minutes on one core.
+
+With --gemma3 PATH instead of --smollm2 the same functions run on Gemma 3 270M base (its
+Q4_K_M GGUF, dequantized to f32 by transformers) and write tests/fixtures/gemma3/
+rome_traces.json (or rome_severed.json with --severed; not run so far: the severed
+functions need nothing Gemma-specific, and trace_with_repatch unpatching 18 MLP or
+attention outputs ran on Gemma as a check). Gemma's module names are Llama's, so layername is
+unchanged. Two things differ in what the code sees: Gemma's embedding module
+(Gemma3TextScaledWordEmbedding) returns the embeddings already scaled by sqrt(640), so the
+noise, added to that module's output, and collect_embedding_std both work at that scale; and
+the tokenizer prepends <bos>, so make_inputs' token lists, and with them each subject
+collect_embedding_std encodes, include <bos>'s (scaled) row, and find_token_range finds a
+subject at the start of a prompt at token 1 ("<bos>" decodes to five characters that
+precede it). The Gemma fixture also records how many known_1000 facts ROME's code counts as
+known: ROME's predict_token on each prompt alone (make_inputs, predict_from_input, decode),
+with calculate_hidden_flow's rule (answer.strip() == attribute), and, for comparison, how
+many pass the first-token rule (argmax = first token of " " + attribute, no <bos>).
+
+    python tools/rome_reference.py --gemma3 ~/.cache/causal-trace/models/gemma-3-270m-q4_k_m.gguf \\
+        --knowns ../shared/data/known_1000.json
+
+On two cores shared with other jobs it took about 40 minutes for collect_embedding_std (a
+full forward per subject, the LM head being 262144 x 640), 30 for the known count, and 22
+for each fact's three tables.
 """
 
 import argparse
@@ -51,6 +74,9 @@ SEVERED_OUT = OUT.with_name("rome_severed.json")
 # first), Peru (a one-token subject at token 4), Kingdom of Hungary (subject at tokens 4..7),
 # Marshall Islands (subject at 1..3, also in rome_traces.json).
 SEVERED_FACTS = [(21, None), (78, "last_subject"), (390, "last_subject"), (149, "last_subject"), (7, "last_subject")]
+GEMMA3_OUT = OUT.parent.parent / "gemma3" / "rome_traces.json"
+# Criminal Minds (subject at tokens 1..3, right after <bos>), Roman Republic (tokens 4..6).
+GEMMA3_FACTS = [818, 21]
 
 
 def layername(model, num, kind=None):
@@ -432,7 +458,21 @@ def severed_fact(model, tokenizer, k, token_range, noise_level):
     return record
 
 
-def severed_main(model, tokenizer, knowns, std, noise_level):
+def count_known(model, tokenizer, knowns):
+    """How many facts ROME's code traces: calculate_hidden_flow returns only
+    correct_prediction=False unless the decoded top-1 token, stripped, is the attribute; here
+    predict_token's steps on each prompt alone. Also the first-token rule's count."""
+    rome, first = 0, 0
+    for k in knowns:
+        with torch.no_grad():  # predict_token(model, tokenizer, [k["prompt"]]), keeping the id
+            preds, _ = predict_from_input(model, make_inputs(tokenizer, [k["prompt"]]))
+        [answer] = [tokenizer.decode(c) for c in preds]
+        rome += answer.strip() == k["attribute"]
+        first += int(preds[0]) == tokenizer(" " + k["attribute"], add_special_tokens=False).input_ids[0]
+    return rome, first
+
+
+def severed_main(model, tokenizer, knowns, std, noise_level, out=SEVERED_OUT):
     facts = []
     for known_id, token_range in SEVERED_FACTS:
         k = next(k for k in knowns if k["known_id"] == known_id)
@@ -453,19 +493,23 @@ def severed_main(model, tokenizer, knowns, std, noise_level):
         "samples": 10,
         "facts": facts,
     }
-    SEVERED_OUT.write_text(json.dumps(fixture) + "\n")
-    print(f"wrote {SEVERED_OUT}")
+    out.write_text(json.dumps(fixture) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smollm2", type=Path, required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--smollm2", type=Path)
+    which.add_argument("--gemma3", type=Path, help=f"write ../gemma3/{OUT.name} (or {SEVERED_OUT.name})")
     parser.add_argument("--knowns", type=Path, required=True)
     parser.add_argument("--severed", action="store_true", help=f"write {SEVERED_OUT.name} instead of {OUT.name}")
     parser.add_argument("--threads", type=int, help="torch threads (default: 2, or 1 with --severed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or (1 if args.severed else 2))
-    folder, name = str(args.smollm2.parent), args.smollm2.name
+    gguf = args.smollm2 or args.gemma3
+    out, severed_out, fact_ids = (OUT, SEVERED_OUT, FACTS) if args.smollm2 else (GEMMA3_OUT, GEMMA3_OUT.with_name(SEVERED_OUT.name), GEMMA3_FACTS)
+    folder, name = str(gguf.parent), gguf.name
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model.eval()
@@ -475,10 +519,15 @@ def main() -> None:
     noise_level = 3 * std  # ROME's default s3
     print(f"embedding std {std!r}, noise level {noise_level!r}")
     if args.severed:
-        severed_main(model, tokenizer, knowns, std, noise_level)
+        severed_main(model, tokenizer, knowns, std, noise_level, severed_out)
         return
+    if args.gemma3:
+        started = time.perf_counter()
+        known_rome, known_first = count_known(model, tokenizer, knowns)
+        print(f"ROME's code counts {known_rome} of {len(knowns)} facts as known ({known_first} by the first-token rule), "
+              f"{time.perf_counter() - started:.1f} s")
     facts = []
-    for known_id in FACTS:
+    for known_id in fact_ids:
         k = next(k for k in knowns if k["known_id"] == known_id)
         record = {key: k[key] for key in ("known_id", "prompt", "subject", "attribute")}
         started = time.perf_counter()
@@ -500,8 +549,11 @@ def main() -> None:
         "window": 10,
         "facts": facts,
     }
-    OUT.write_text(json.dumps(fixture) + "\n")
-    print(f"wrote {OUT}")
+    if args.gemma3:
+        fixture = {"model": name, **fixture, "known_1000_rome_correct": known_rome, "known_1000_first_token_correct": known_first}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(fixture) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ use common::kinds::Kind;
 use worker::trace::noise::embedding_std;
 use worker::trace::{Correctness, Distribution, FactInput, Path, TraceOptions, trace_fact};
 
-use crate::util::{fixture, knowns_path, smollm2};
+use worker::LoadedModel;
+
+use crate::util::{fixture, gemma3, knowns_path, smollm2};
 
 /// Tolerance on probabilities. The forward passes differ from transformers' by up to ~7e-5
 /// on a logit (golden.rs); a probability p moves by about p·Δlogit. Measured: at most 2.2e-6
@@ -20,7 +22,11 @@ use crate::util::{fixture, knowns_path, smollm2};
 const TOLERANCE: f64 = 2e-5;
 
 fn load_fixture(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture(&format!("smollm2/{name}")))
+    load_model_fixture("smollm2", name)
+}
+
+fn load_model_fixture(model: &str, name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(&format!("{model}/{name}")))
         .expect("tools/rome_reference.py fixture");
     serde_json::from_str(&text).expect("json")
 }
@@ -57,8 +63,20 @@ fn rome(
 
 #[test]
 fn noise_level_is_romes_collect_embedding_std() {
-    let f = load();
-    let loaded = smollm2();
+    check_embedding_std(&load(), smollm2());
+}
+
+/// Gemma scales its embeddings by √640 and every subject is encoded with `<bos>`, whose
+/// row ROME's `collect_embedding_std` includes: 3σ = 3.0936 (docs/science.md §4).
+#[test]
+fn gemma3_noise_level_is_romes_collect_embedding_std() {
+    let f = load_model_fixture("gemma3", "rome_traces.json");
+    check_embedding_std(&f, gemma3());
+    let s3 = 3.0 * f["embedding_std"].as_f64().expect("std");
+    assert!((s3 - 3.0936).abs() < 5e-5, "s3 = {s3}");
+}
+
+fn check_embedding_std(f: &serde_json::Value, loaded: &LoadedModel) {
     let knowns = read_knowns_file(&knowns_path()).expect("knowns");
     let subjects: Vec<&str> = knowns.facts.iter().map(|k| k.subject.as_str()).collect();
     let std = embedding_std(&loaded.model, loaded.tokenizer().expect("tokenizer"), &subjects)
@@ -70,10 +88,29 @@ fn noise_level_is_romes_collect_embedding_std() {
 
 #[test]
 fn traces_match_romes_code() {
-    let f = load();
-    let loaded = smollm2();
+    let worst = check_traces(&load(), smollm2(), TOLERANCE);
+    eprintln!("largest |ours - ROME| = {worst:.2e}");
+}
+
+/// ROME's code on Gemma 3 270M (`tools/rome_reference.py --gemma3`, its `layername` mapped
+/// to Gemma's modules, `<bos>` in every input as the tokenizer adds it) and `rome` mode
+/// agree within the 1e-4 for every kind, on two facts: one whose subject follows
+/// `<bos>`, one whose subject starts later. Measured: 8.9e-6 at most. Gemma's logits differ
+/// from transformers' by up to 5.5e-5 (gemma3.rs), against SmolLM2's 7e-5, so SmolLM2's
+/// 2e-5 would hold too; the bound is the issue's.
+#[test]
+fn gemma3_traces_match_romes_code() {
+    let f = load_model_fixture("gemma3", "rome_traces.json");
+    let worst = check_traces(&f, gemma3(), 1e-4);
+    eprintln!("Gemma 3: largest |ours - ROME| = {worst:.2e}");
+}
+
+/// Every fact of a `rome_traces.json` fixture: tokens, subject range, answer, correctness,
+/// high/low scores and every cell of the three kinds within `tolerance`. Returns the largest
+/// difference.
+fn check_traces(f: &serde_json::Value, loaded: &LoadedModel, tolerance: f64) -> f64 {
     let tok = loaded.tokenizer().expect("tokenizer");
-    let exp = rome(&f, &Kind::ROME, Tokens::all(), Correctness::Strict);
+    let exp = rome(f, &Kind::ROME, Tokens::all(), Correctness::Strict);
     let opts = TraceOptions::default();
     let mut worst = 0f64;
     for fact in f["facts"].as_array().expect("facts") {
@@ -98,7 +135,7 @@ fn traces_match_romes_code() {
         let mut check = |what: String, ours: f32, rome: f64| {
             let diff = (f64::from(ours) - rome).abs();
             worst = worst.max(diff);
-            assert!(diff <= TOLERANCE, "{}: {what}: ours {ours}, ROME {rome}", input.prompt);
+            assert!(diff <= tolerance, "{}: {what}: ours {ours}, ROME {rome}", input.prompt);
         };
         check("high_score".into(), ours.high_score, fact["high_score"].as_f64().expect("high"));
         check("low_score".into(), ours.low_score, fact["low_score"].as_f64().expect("low"));
@@ -115,7 +152,7 @@ fn traces_match_romes_code() {
             }
         }
     }
-    eprintln!("largest |ours - ROME| = {worst:.2e}");
+    worst
 }
 
 /// Figure 3's traces: `hidden`, `severed_mlp` and `severed_attn` in ROME's seed mode equal
