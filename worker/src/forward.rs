@@ -174,8 +174,11 @@ pub(crate) trait Decoder {
     /// Token embeddings `(b_sz, seq_len, d)` of ids `(b_sz, seq_len)`.
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor>;
     /// The residual stream entering layer 0: token embeddings plus position embeddings where
-    /// the family has them. `pos0` is the absolute position of the first token.
-    fn add_positions(&self, xs: Tensor, pos0: usize) -> Result<Tensor>;
+    /// the family has them (GPT-2; rotary families add nothing here). `pos0` is the absolute
+    /// position of the first token.
+    fn add_positions(&self, xs: Tensor, _pos0: usize) -> Result<Tensor> {
+        Ok(xs)
+    }
     /// The attention sublayer of `layer` up to its output projection, its input norm
     /// included, on the residual stream `xs`. Returns the heads' outputs side by side,
     /// `(b, t, n_heads × head_dim)` (each head's attention-weighted values), and the layer's

@@ -6,10 +6,10 @@
 //! stored `(in, out)`, GELU with the tanh approximation (`gelu_new`), and an LM head tied to
 //! the token embeddings.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use super::nn::{Linear, causal_attention, extend_kv, merge_heads, split_heads};
+use super::nn::{Linear, causal_attention, embed, extend_kv, merge_heads, split_heads};
 use crate::error::{Error, Result};
 use crate::forward::{Decoder, Dims, LayerKv};
 use crate::weights::Weights;
@@ -226,11 +226,6 @@ impl Gpt2 {
         &self.cfg
     }
 
-    /// The device the weights are on.
-    pub fn device(&self) -> &Device {
-        self.wte.device()
-    }
-
     fn layer_norm(&self, xs: &Tensor, ln: &LayerNorm) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(
             &xs.contiguous()?,
@@ -247,12 +242,7 @@ impl Decoder for Gpt2 {
     }
 
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b_sz, seq_len) = ids.dims2()?;
-        Ok(self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b_sz,
-            seq_len,
-            self.cfg.n_embd,
-        ))?)
+        embed(&self.wte, ids)
     }
 
     fn add_positions(&self, xs: Tensor, pos0: usize) -> Result<Tensor> {

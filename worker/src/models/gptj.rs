@@ -7,13 +7,13 @@
 //! head with interleaved pairs (`rotate_every_two`) and a fixed base of 10000, a GELU MLP,
 //! and an untied LM head with a bias.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::gpt2::Activation;
 use super::nn::{
-    ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, extend_kv, merge_heads,
-    split_heads,
+    ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, embed, extend_kv,
+    merge_heads, split_heads,
 };
 use super::rope::{Rope, RopeScaling};
 use crate::error::{Error, Result};
@@ -240,11 +240,6 @@ impl GptJ {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
-
-    /// The device the weights are on.
-    pub fn device(&self) -> &Device {
-        self.wte.device()
-    }
 }
 
 impl Decoder for GptJ {
@@ -253,13 +248,7 @@ impl Decoder for GptJ {
     }
 
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b_sz, seq_len) = ids.dims2()?;
-        let flat = ids.flatten_all()?;
-        Ok(self.wte.index_select(&flat, 0)?.reshape((b_sz, seq_len, self.cfg.n_embd))?)
-    }
-
-    fn add_positions(&self, xs: Tensor, _pos0: usize) -> Result<Tensor> {
-        Ok(xs)
+        embed(&self.wte, ids)
     }
 
     fn attn(

@@ -6,9 +6,9 @@
 //! and a gated MLP, with a tied or untied LM head; the variations between these families are
 //! resolved in `llama_config.rs` and read here as plain fields.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
-use super::nn::{Linear, causal_attention_capped, extend_kv, merge_heads, split_heads};
+use super::nn::{Linear, causal_attention_capped, embed, extend_kv, merge_heads, split_heads};
 use super::ops::{gelu_mul, silu_mul};
 use super::rope::{Rope, RopeScaling};
 use crate::error::Result;
@@ -225,11 +225,6 @@ impl Llama {
         &self.cfg
     }
 
-    /// The device the weights are on.
-    pub fn device(&self) -> &Device {
-        self.embed.device()
-    }
-
     fn rms_norm(&self, xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&xs.contiguous()?, weight, self.cfg.rms_norm_eps)?)
     }
@@ -253,18 +248,11 @@ impl Decoder for Llama {
     }
 
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b_sz, seq_len) = ids.dims2()?;
-        let flat = ids.flatten_all()?;
-        let xs =
-            self.embed.index_select(&flat, 0)?.reshape((b_sz, seq_len, self.cfg.hidden_size))?;
+        let xs = embed(&self.embed, ids)?;
         Ok(match self.cfg.embed_scale {
             Some(scale) => (xs * f64::from(scale))?,
             None => xs,
         })
-    }
-
-    fn add_positions(&self, xs: Tensor, _pos0: usize) -> Result<Tensor> {
-        Ok(xs)
     }
 
     fn attn(

@@ -8,13 +8,13 @@
 //! head h), rotary positions on the first `rotary_pct` of each head (halves, not interleaved),
 //! a GELU MLP and an untied LM head (`embed_out`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::gpt2::Activation;
 use super::nn::{
-    ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, extend_kv, merge_heads,
-    split_heads,
+    ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, embed, extend_kv,
+    merge_heads, split_heads,
 };
 use super::rope::{Rope, RopeConfig, RopeFields, rope_from_config};
 use crate::error::{Error, Result};
@@ -304,11 +304,6 @@ impl GptNeoX {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
-
-    /// The device the weights are on.
-    pub fn device(&self) -> &Device {
-        self.embed_in.device()
-    }
 }
 
 impl Decoder for GptNeoX {
@@ -317,13 +312,7 @@ impl Decoder for GptNeoX {
     }
 
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b_sz, seq_len) = ids.dims2()?;
-        let flat = ids.flatten_all()?;
-        Ok(self.embed_in.index_select(&flat, 0)?.reshape((b_sz, seq_len, self.cfg.hidden_size))?)
-    }
-
-    fn add_positions(&self, xs: Tensor, _pos0: usize) -> Result<Tensor> {
-        Ok(xs)
+        embed(&self.embed_in, ids)
     }
 
     fn attn(

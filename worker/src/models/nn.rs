@@ -128,6 +128,13 @@ fn causal_mask(
     Ok(Some(Tensor::from_vec(mask, (t_q, t_k), device)?))
 }
 
+/// Rows of the embedding `table` `(vocab, d)` for token ids `(b, t)`: `(b, t, d)`.
+pub(crate) fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b_sz, seq_len) = ids.dims2()?;
+    let d = table.dim(1)?;
+    Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape((b_sz, seq_len, d))?)
+}
+
 /// Appends the new keys and values to the prefix's.
 pub(crate) fn extend_kv(past: Option<&LayerKv>, k: Tensor, v: Tensor) -> Result<LayerKv> {
     Ok(match past {
