@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use super::nn::{Linear, causal_attention, embed, extend_kv, merge_heads, split_heads};
+use super::nn::{Linear, causal_attention, embed, extend_kv, merge_heads, split_qkv};
 use crate::error::{Error, Result};
 use crate::forward::{Decoder, Dims, LayerKv};
 use crate::weights::Weights;
@@ -262,9 +262,7 @@ impl Decoder for Gpt2 {
         let (d, n_head) = (self.cfg.n_embd, self.cfg.n_head);
         let head_dim = d / n_head;
         let qkv = b.c_attn.forward(&self.layer_norm(xs, &b.ln_1)?)?;
-        let q = split_heads(&qkv.narrow(2, 0, d)?, n_head, head_dim)?;
-        let k = split_heads(&qkv.narrow(2, d, d)?, n_head, head_dim)?;
-        let v = split_heads(&qkv.narrow(2, 2 * d, d)?, n_head, head_dim)?;
+        let (q, k, v) = split_qkv(&qkv, n_head, head_dim)?;
         let kv = extend_kv(past, k, v)?;
         let mut scale =
             if self.cfg.scale_attn_weights { 1.0 / (head_dim as f64).sqrt() } else { 1.0 };

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::gpt2::Activation;
 use super::nn::{
     ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, embed, extend_kv,
-    merge_heads, split_heads,
+    merge_heads, split_qkv,
 };
 use super::rope::{Rope, RopeScaling};
 use crate::error::{Error, Result};
@@ -260,13 +260,11 @@ impl Decoder for GptJ {
     ) -> Result<(Tensor, LayerKv)> {
         let b = &self.blocks[layer];
         let _enter = b.span.enter();
-        let (d, n_head, head_dim) = (self.cfg.n_embd, self.cfg.n_head, self.cfg.head_dim);
+        let (n_head, head_dim) = (self.cfg.n_head, self.cfg.head_dim);
         // `ln_1` also feeds the MLP; computing it twice costs O(d) per token and keeps the
         // sublayers independent, as the intervention sites need.
         let qkv = b.qkv.forward(&b.ln_1.forward(xs)?)?;
-        let q = split_heads(&qkv.narrow(2, 0, d)?, n_head, head_dim)?;
-        let k = split_heads(&qkv.narrow(2, d, d)?, n_head, head_dim)?;
-        let v = split_heads(&qkv.narrow(2, 2 * d, d)?, n_head, head_dim)?;
+        let (q, k, v) = split_qkv(&qkv, n_head, head_dim)?;
         let q = self.rope.apply(&q, pos0)?;
         let k = self.rope.apply(&k, pos0)?;
         let kv = extend_kv(past, k, v)?;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::gpt2::Activation;
 use super::nn::{
     ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, embed, extend_kv,
-    merge_heads, split_heads,
+    merge_heads, split_qkv,
 };
 use super::rope::{Rope, RopeConfig, RopeFields, rope_from_config};
 use crate::error::{Error, Result};
@@ -324,11 +324,9 @@ impl Decoder for GptNeoX {
     ) -> Result<(Tensor, LayerKv)> {
         let l = &self.layers[layer];
         let _enter = l.span.enter();
-        let (d, n_heads, head_dim) = (self.cfg.hidden_size, self.cfg.n_heads, self.cfg.head_dim);
+        let (n_heads, head_dim) = (self.cfg.n_heads, self.cfg.head_dim);
         let qkv = l.qkv.forward(&l.input_layernorm.forward(xs)?)?;
-        let q = split_heads(&qkv.narrow(2, 0, d)?, n_heads, head_dim)?;
-        let k = split_heads(&qkv.narrow(2, d, d)?, n_heads, head_dim)?;
-        let v = split_heads(&qkv.narrow(2, 2 * d, d)?, n_heads, head_dim)?;
+        let (q, k, v) = split_qkv(&qkv, n_heads, head_dim)?;
         let q = self.rope.apply(&q, pos0)?;
         let k = self.rope.apply(&k, pos0)?;
         let kv = extend_kv(past, k, v)?;

@@ -151,6 +151,19 @@ pub(crate) fn split_heads(xs: &Tensor, n_heads: usize, head_dim: usize) -> Resul
     Ok(xs.reshape((b_sz, seq_len, n_heads, head_dim))?.transpose(1, 2)?.contiguous()?)
 }
 
+/// Queries, keys and values `(b, heads, t, head_dim)` from the output of a fused q/k/v
+/// projection `(b, t, 3 × n_heads × head_dim)` laid out `[q | k | v]` (multi-head attention:
+/// as many key/value heads as query heads).
+pub(crate) fn split_qkv(
+    qkv: &Tensor,
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = n_heads * head_dim;
+    let part = |i: usize| split_heads(&qkv.narrow(2, i * d, d)?, n_heads, head_dim);
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
 /// Merges `(b, n_heads, t, head_dim)` back into `(b, t, n_heads * head_dim)`.
 pub(crate) fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     let (b_sz, n_heads, seq_len, head_dim) = xs.dims4()?;
