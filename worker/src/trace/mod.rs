@@ -21,7 +21,7 @@ pub mod tokens;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use common::donor::{self, Candidate};
 use common::experiment::Resolved;
 use common::kinds::{Axis, Geometry, Kind};
@@ -451,10 +451,16 @@ fn judge(
     })
 }
 
-/// p(answer) of each row of `logits` `(rows, vocab)`, softmax in f32.
+/// p(answer) of each row of `logits` `(rows, vocab)` by candle's f32 softmax: the reference
+/// the scorer's fused rows are tested against.
+#[cfg(test)]
 pub(crate) fn answer_probs(logits: &Tensor, answer_id: u32) -> Result<Vec<f32>> {
     let probs = crate::forward::probabilities(logits)?;
-    Ok(probs.narrow(1, answer_id as usize, 1)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec1()?)
+    Ok(probs
+        .narrow(1, answer_id as usize, 1)?
+        .squeeze(1)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?)
 }
 
 /// The mean of `values`, summed in order in f32 (the samples of one restored state).
