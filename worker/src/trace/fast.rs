@@ -14,9 +14,12 @@
 //!   is the corrupted run, whose frozen states hold their own values: the base run is the
 //!   corrupted run again.
 //! - Provable no-ops ([`common::kinds::Plan::NoOp`]) score the base run's probability.
-//! - All cells of one token run in one batched forward of cells × samples rows. A cell joins
-//!   the batch at its first changed layer, so the batch grows layer by layer and no row
-//!   computes a layer it would not change. `max_batch_tokens` bounds its size.
+//! - All cells of one token, of every kind, run in one batched forward of cells × samples
+//!   rows, each cell resuming from its own kind's base run (the severed kinds' trunks differ
+//!   from the others' corrupted run). A cell joins the batch at its first changed layer, so
+//!   the batch grows layer by layer and no row computes a layer it would not change.
+//!   `max_batch_tokens` bounds its size. So a fact takes about T × L batched layer calls,
+//!   not T × kinds × L (`trace-bench` reports the count).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -87,7 +90,10 @@ impl Base {
 
 /// One restored cell in a batched suffix run.
 struct Entry {
+    kind: Kind,
     cell: Cell,
+    /// Its base run: an index into the token's bases.
+    base: usize,
     /// The first layer whose computation it changes.
     join: usize,
     /// The residual stream entering `join` at tokens `t..T`, `(S, T - t, d)`.
@@ -172,7 +178,7 @@ pub fn trace(
     };
     let base = if noising { &clean } else { &corrupted };
 
-    let mut tables = BTreeMap::new();
+    let mut tables: BTreeMap<Kind, MetricTables> = BTreeMap::new();
     if traced {
         let job = Job {
             model,
@@ -185,21 +191,28 @@ pub fn trace(
             source: &source,
             frozen: &frozen,
         };
-        for &kind in &e.kinds {
-            let mut table = MetricTables::new(kind, t_len, g);
-            for &t in &prep.traced_tokens {
-                let trunk;
-                let base = match (kind.freezes(), &measured) {
-                    (Some(_), Some(measured)) if t >= b => {
-                        trunk = job.trunk(kind, t, measured)?;
-                        &trunk
-                    }
-                    (Some(_), Some(measured)) => measured,
-                    _ => base,
-                };
-                job.token(kind, t, base, &mut table)?;
+        tables = e.kinds.iter().map(|&k| (k, MetricTables::new(k, t_len, g))).collect();
+        for &t in &prep.traced_tokens {
+            // Each kind's base run at token t: the severed kinds' trunk (their own frozen
+            // states held from layer 0) or measured run, the corrupted or clean run otherwise.
+            let mut trunks = BTreeMap::new();
+            if let Some(measured) = measured.as_ref().filter(|_| t >= b) {
+                for &kind in e.kinds.iter().filter(|k| k.freezes().is_some()) {
+                    trunks.insert(kind, job.trunk(kind, t, measured)?);
+                }
             }
-            tables.insert(kind, table);
+            let bases: Vec<(Kind, &Base)> = e
+                .kinds
+                .iter()
+                .map(|&kind| {
+                    let own = match (kind.freezes(), &measured) {
+                        (Some(_), Some(measured)) => trunks.get(&kind).unwrap_or(measured),
+                        _ => base,
+                    };
+                    (kind, own)
+                })
+                .collect();
+            job.token(t, &bases, &mut tables)?;
         }
     }
     prep.finish(tokenizer, outcome, runs, corruption, tables)
@@ -315,26 +328,40 @@ impl Job<'_> {
         })
     }
 
-    /// Every asked cell of `kind` at token `t` into `table`.
-    fn token(&self, kind: Kind, t: usize, base: &Base, table: &mut MetricTables) -> Result<()> {
+    /// Every asked cell of every kind at token `t` into `tables`, the kinds' cells batched
+    /// together: `bases` holds each kind's base run.
+    fn token(
+        &self,
+        t: usize,
+        bases: &[(Kind, &Base)],
+        tables: &mut BTreeMap<Kind, MetricTables>,
+    ) -> Result<()> {
         let g = geometry(self.model);
         let mut entries = Vec::new();
-        for (layer, head) in kind.layer_heads(g) {
-            if !self.opts.wants_layer(layer) {
-                continue;
-            }
-            let cell = Cell { token: t, layer, head };
-            match kind.plan(cell, self.subject, self.t_len, self.window, g.n_layers) {
-                Plan::NoOp => table.set(cell, &base.score),
-                Plan::Run { join } => entries.push(self.entry(kind, cell, join, base)?),
+        for (i, &(kind, base)) in bases.iter().enumerate() {
+            let table = tables
+                .get_mut(&kind)
+                .ok_or_else(|| Error::Request(format!("no table for {kind:?}")))?;
+            for (layer, head) in kind.layer_heads(g) {
+                if !self.opts.wants_layer(layer) {
+                    continue;
+                }
+                let cell = Cell { token: t, layer, head };
+                match kind.plan(cell, self.subject, self.t_len, self.window, g.n_layers) {
+                    Plan::NoOp => table.set(cell, &base.score),
+                    Plan::Run { join } => entries.push(self.entry(kind, cell, join, i, base)?),
+                }
             }
         }
         entries.sort_by_key(|e| e.join);
         let per_chunk = (self.opts.max_batch_tokens / (self.samples * (self.t_len - t))).max(1);
+        let bases: Vec<&Base> = bases.iter().map(|&(_, base)| base).collect();
         for chunk in entries.chunks(per_chunk) {
-            let scores = self.run_batch(t, chunk, base)?;
+            let scores = self.run_batch(t, chunk, &bases)?;
             for (entry, score) in chunk.iter().zip(scores) {
-                table.set(entry.cell, &score);
+                if let Some(table) = tables.get_mut(&entry.kind) {
+                    table.set(entry.cell, &score);
+                }
             }
         }
         Ok(())
@@ -343,7 +370,14 @@ impl Job<'_> {
     /// A restored cell: the base run's stream entering `join` (one copy per sample), with
     /// the cell's written block output (if it is the one just below `join`) at token t, and
     /// every other written or frozen state at layers ≥ `join` as a patch.
-    fn entry(&self, kind: Kind, cell: Cell, join: usize, base: &Base) -> Result<Entry> {
+    fn entry(
+        &self,
+        kind: Kind,
+        cell: Cell,
+        join: usize,
+        base_index: usize,
+        base: &Base,
+    ) -> Result<Entry> {
         let (t, n_layers) = (cell.token, self.model.dims().n_layers);
         let mut hidden = base.entering(join, t, self.t_len)?;
         if base.rows != self.samples {
@@ -365,25 +399,23 @@ impl Job<'_> {
             }
         }
         patches.extend(self.frozen_patches(kind, t, join)?);
-        Ok(Entry { cell, join, hidden, patches })
+        Ok(Entry { kind, cell, base: base_index, join, hidden, patches })
     }
 
     /// Runs the entries of one token together and returns each one's metrics.
-    fn run_batch(&self, t: usize, entries: &[Entry], base: &Base) -> Result<Vec<MetricValues>> {
-        let (model, samples, kv) = (self.model, self.samples, &base.kv);
-        // A clean base has one row of keys/values for all the samples.
-        let per_entry = samples / base.rows.max(1);
+    fn run_batch(&self, t: usize, entries: &[Entry], bases: &[&Base]) -> Result<Vec<MetricValues>> {
+        let (model, samples) = (self.model, self.samples);
         let n_layers = model.dims().n_layers;
-        let kv_len = kv.layers.iter().flatten().next().map_or(0, LayerKv::len);
         let first = entries.first().map_or(n_layers, |e| e.join);
         let mut xs: Option<Tensor> = None;
         let mut joined = 0;
         for layer in first..n_layers {
             joined += join(&mut xs, entries, joined, layer)?;
             let Some(current) = xs.take() else { continue };
-            let copies = joined * per_entry;
-            let past =
-                if t > 0 { Some(repeat_rows(kv.layer(layer, kv_len)?, t, copies)?) } else { None };
+            let past = match t {
+                0 => None,
+                _ => Some(stack_past(&entries[..joined], bases, layer, t, samples)?),
+            };
             let patches = layer_patches(entries, joined, layer, samples, t)?;
             let iv = Interventions { patches, ..Interventions::none() };
             xs = Some(model.run_layer(layer, current, t, past.as_ref(), &iv)?.0);
@@ -439,11 +471,30 @@ fn join(xs: &mut Option<Tensor>, entries: &[Entry], joined: usize, layer: usize)
     Ok(joining.len())
 }
 
-/// The first `len` tokens of the S samples' keys/values, once per joined state.
-fn repeat_rows(kv: &LayerKv, len: usize, copies: usize) -> Result<LayerKv> {
-    let k = kv.k.narrow(2, 0, len)?;
-    let v = kv.v.narrow(2, 0, len)?;
-    let ks: Vec<&Tensor> = std::iter::repeat_n(&k, copies).collect();
-    let vs: Vec<&Tensor> = std::iter::repeat_n(&v, copies).collect();
+/// The keys and values of tokens `< t` at `layer` for the rows of `entries`: each entry's S
+/// rows take its base run's (a clean base's one row serves every sample). Consecutive
+/// entries on the same base share one repeat.
+fn stack_past(
+    entries: &[Entry],
+    bases: &[&Base],
+    layer: usize,
+    t: usize,
+    samples: usize,
+) -> Result<LayerKv> {
+    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < entries.len() {
+        let index = entries[i].base;
+        let run = entries[i..].iter().take_while(|e| e.base == index).count();
+        let base =
+            bases.get(index).ok_or_else(|| Error::Request(format!("no base run {index}")))?;
+        let kv_len = base.kv.layers.iter().flatten().next().map_or(0, LayerKv::len);
+        let kv = base.kv.layer(layer, kv_len)?;
+        let copies = run * (samples / base.rows.max(1));
+        let (k, v) = (kv.k.narrow(2, 0, t)?, kv.v.narrow(2, 0, t)?);
+        ks.extend(std::iter::repeat_n(k, copies));
+        vs.extend(std::iter::repeat_n(v, copies));
+        i += run;
+    }
     Ok(LayerKv { k: Tensor::cat(&ks, 0)?, v: Tensor::cat(&vs, 0)? })
 }
