@@ -5,6 +5,7 @@ use clap::Parser;
 use worker::cli::{Cli, Command, run_noise_level, run_predict, run_serve, run_trace};
 
 fn main() -> std::process::ExitCode {
+    worker::cpu::keep_freed_memory();
     let cli = Cli::parse();
     if let Command::Serve(args) = &cli.command {
         if let Some(threads) = args.threads {
