@@ -7,10 +7,18 @@
 //! GEMM rate measured in the same run (a large candle matmul). It also checks that the two
 //! paths agree. Not a test: timings on shared machines are noisy, ratios within one run less so.
 //!
+//! With a Python that has torch and transformers (`--rome-python`; by default the golden
+//! venv of tools/golden-requirements.txt when it exists) and a GGUF model, it also runs ROME's
+//! own code (tools/rome_bench.py) on each fact right after ours, on the same threads, and
+//! prints the ratio, and PyTorch's GEMM rate next to candle's: the fast path's share is
+//! taken of the higher of the two.
+//!
 //!     RAYON_NUM_THREADS=2 cargo run --release -p worker --bin trace-bench -- \
 //!         --model "$(scripts/fetch-model.sh)" --knowns ../shared/data/known_1000.json --facts 5
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path as FsPath, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -18,7 +26,7 @@ use candle_core::{Device, Tensor};
 use clap::Parser;
 use common::dataset::read_knowns_file;
 use common::donor::Relations;
-use common::experiment::Resolved;
+use common::experiment::{Experiment, Resolved};
 use common::flags::ExperimentFlags;
 use worker::cli::ModelArgs;
 use worker::trace::cost::{fast_flops, model_cost, naive_flops};
@@ -48,6 +56,101 @@ struct Args {
     /// Write the per-fact figures as JSON lines here.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Python with torch and transformers to run ROME's own code on each fact too (default:
+    /// ~/.cache/causal-trace/golden/bin/python when it exists; GGUF models only).
+    #[arg(long)]
+    rome_python: Option<PathBuf>,
+    /// Do not run ROME's code even when its Python is present.
+    #[arg(long)]
+    no_rome: bool,
+}
+
+/// ROME's own code (tools/rome_bench.py), loaded once and fed one known_id at a time.
+struct Rome {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// ROME's timing of one fact.
+struct RomeFact {
+    seconds: f64,
+    gemm_gflops: f64,
+    answer: String,
+}
+
+impl Rome {
+    fn start(
+        python: &FsPath,
+        gguf: &FsPath,
+        knowns: &FsPath,
+        level: f64,
+        threads: usize,
+    ) -> anyhow::Result<Self> {
+        let script = FsPath::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rome_bench.py");
+        let mut child = Command::new(python)
+            .arg(&script)
+            .arg("--gguf")
+            .arg(gguf)
+            .arg("--knowns")
+            .arg(knowns)
+            .arg("--noise-level")
+            .arg(level.to_string())
+            .arg("--threads")
+            .arg(threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} {}", python.display(), script.display()))?;
+        let stdin = child.stdin.take().context("ROME's stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("ROME's stdout")?);
+        let mut rome = Self { child, stdin, stdout };
+        let ready = rome.line()?;
+        println!("ROME's code: {ready}");
+        Ok(rome)
+    }
+
+    fn line(&mut self) -> anyhow::Result<serde_json::Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            anyhow::bail!("tools/rome_bench.py exited (its stderr is above)");
+        }
+        serde_json::from_str(&line).with_context(|| format!("tools/rome_bench.py said {line:?}"))
+    }
+
+    fn trace(&mut self, known_id: u64) -> anyhow::Result<RomeFact> {
+        writeln!(self.stdin, "{known_id}")?;
+        self.stdin.flush()?;
+        let v = self.line()?;
+        let num =
+            |k: &str| v[k].as_f64().with_context(|| format!("tools/rome_bench.py: no {k} in {v}"));
+        Ok(RomeFact {
+            seconds: num("seconds")?,
+            gemm_gflops: num("gemm_gflops")?,
+            answer: v["answer"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+impl Drop for Rome {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python to run ROME's code with, if any.
+fn rome_python(args: &Args) -> Option<PathBuf> {
+    if args.no_rome || args.model.model.extension().is_none_or(|e| e != "gguf") {
+        return None;
+    }
+    args.rome_python.clone().or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        let python = cache.join("causal-trace/golden/bin/python");
+        python.exists().then_some(python)
+    })
 }
 
 /// f32 GEMM rate of this machine through candle right now: the median of seven 2048³
@@ -76,6 +179,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    worker::cpu::keep_freed_memory();
     let args = Args::parse();
     let threads = candle_core::utils::get_num_threads();
     let loaded = args.model.load()?;
@@ -99,8 +203,16 @@ fn main() -> anyhow::Result<()> {
 
     let corruption = exp.noise.map_or("STR".into(), |n| format!("noise level {:.4}", n.level));
     println!(
-        "threads {threads}, {corruption}; GEMM: candle's f32 2048^3 rate, measured just before and after each fast trace"
+        "threads {threads}, {corruption}; GEMM: candle's f32 2048^3 rate ({} kernels), measured just before and after each fast trace",
+        worker::cpu::gemm_isa()
     );
+    // ROME's code traces ROME's experiment only: the default flags.
+    let mut rome = match (rome_python(&args), exp.noise) {
+        (Some(python), Some(noise)) if exp.experiment == Experiment::rome() => {
+            Some(Rome::start(&python, &args.model.model, &args.knowns, noise.level, threads)?)
+        }
+        _ => None,
+    };
     let columns = [
         "fact",
         "T",
@@ -117,8 +229,12 @@ fn main() -> anyhow::Result<()> {
         "fast%",
         "eff",
         "max|diff|",
+        "layers",
+        "ROME s",
+        "xROME",
+        "torchGF",
     ];
-    let widths = [6, 3, 5, 9, 8, 7, 9, 9, 6, 7, 7, 6, 6, 5, 9];
+    let widths = [6, 3, 5, 9, 8, 7, 9, 9, 6, 7, 7, 6, 6, 5, 9, 6, 8, 6, 7];
     let header: Vec<String> = columns.iter().zip(widths).map(|(c, w)| format!("{c:>w$}")).collect();
     println!("{}", header.join(" "));
     let mut out = match &args.json_out {
@@ -128,6 +244,7 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let (mut efficiencies, mut fast_shares, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut vs_rome = Vec::new();
     let mut done = 0;
     let relations = Relations::new(&knowns.facts);
     for (i, fact) in knowns.facts.iter().enumerate() {
@@ -146,8 +263,10 @@ fn main() -> anyhow::Result<()> {
         };
         let gemm_before = gemm_gflops()?;
         let start = Instant::now();
+        let calls_before = worker::forward::layer_calls();
         let fast = trace_fact(&loaded.model, tokenizer, &input, &exp, &opts, Path::Fast)?;
         let fast_s = start.elapsed().as_secs_f64();
+        let layer_calls = worker::forward::layer_calls() - calls_before;
         if !fast.traced() {
             continue;
         }
@@ -171,13 +290,27 @@ fn main() -> anyhow::Result<()> {
                 .fold((naive.low_score - fast.low_score).abs(), f32::max);
             (secs, diff)
         };
+        let rome_fact = match rome.as_mut() {
+            Some(r) => Some(r.trace(fact.known_id)?),
+            None => None,
+        };
+        if let Some(r) = rome_fact.as_ref().filter(|r| r.answer != fast.answer) {
+            println!(
+                "  ROME's code predicted {:?} where ours predicted {:?}",
+                r.answer, fast.answer
+            );
+        }
+        let (rome_s, torch_gemm) =
+            rome_fact.as_ref().map_or((f64::NAN, f64::NAN), |r| (r.seconds, r.gemm_gflops));
+        // The best GEMM rate measured in this run: candle's, or PyTorch's when it ran.
+        let gemm = gemm.max(torch_gemm);
         let speedup = naive_s / fast_s;
         let flop_ratio = naive_tf / fast_tf;
         let (naive_gf, fast_gf) = (naive_tf * 1e3 / naive_s, fast_tf * 1e3 / fast_s);
         let efficiency = speedup / flop_ratio;
         let fast_share = fast_gf / gemm;
         println!(
-            "{:>6} {:>3} {:>5} {:>9.1} {:>8.1} {:>7.2} {:>9.2} {:>9.2} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>5.0}% {:>5.2} {:>9.1e}",
+            "{:>6} {:>3} {:>5} {:>9.1} {:>8.1} {:>7.2} {:>9.2} {:>9.2} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>5.0}% {:>5.2} {:>9.1e} {:>6} {:>8.1} {:>6.2} {:>7.1}",
             fact.known_id,
             t_len,
             format!("{b}..{e}"),
@@ -192,7 +325,11 @@ fn main() -> anyhow::Result<()> {
             gemm,
             100.0 * fast_share,
             efficiency,
-            max_diff
+            max_diff,
+            layer_calls,
+            rome_s,
+            rome_s / fast_s,
+            torch_gemm
         );
         if let Some(f) = out.as_mut() {
             use std::io::Write;
@@ -201,12 +338,15 @@ fn main() -> anyhow::Result<()> {
                 "naive_seconds": naive_s, "fast_seconds": fast_s, "speedup": speedup,
                 "naive_tflop": naive_tf, "fast_tflop": fast_tf, "flop_ratio": flop_ratio,
                 "naive_gflops": naive_gf, "fast_gflops": fast_gf, "gemm_gflops": gemm, "fast_share_of_gemm": fast_share, "max_abs_diff": max_diff,
+                "layer_calls": layer_calls, "rome_seconds": rome_s, "torch_gemm_gflops": torch_gemm,
+                "gemm_isa": worker::cpu::gemm_isa(),
             });
             writeln!(f, "{record}")?;
         }
         efficiencies.push(efficiency);
         fast_shares.push(fast_share);
         ratios.push(flop_ratio);
+        vs_rome.push(rome_s / fast_s);
     }
     println!(
         "median over {done} facts: FLOP ratio {:.2}, speed-up / FLOP ratio {:.2}, fast path at {:.0}% of the GEMM rate",
@@ -214,5 +354,11 @@ fn main() -> anyhow::Result<()> {
         median(efficiencies),
         100.0 * median(fast_shares)
     );
+    if rome.is_some() {
+        println!(
+            "median over {done} facts: fast path {:.2}x faster than ROME's code",
+            median(vs_rome)
+        );
+    }
     Ok(())
 }
