@@ -1,5 +1,5 @@
-//! The fault-injection run (a test, not timed; prints figures): one sweep of the tiny model
-//! on real coordinator and worker processes through more than 1,000 injected faults:
+//! The fault-injection run (a test, not timed; prints figures): sweeps of the tiny model on
+//! real coordinator and worker processes through more than 1,000 injected faults in all:
 //!
 //! - workers killed (SIGKILL) mid-sweep, and replaced;
 //! - workers hung (SIGSTOP for longer than their lease, then SIGCONT: they wake up holding
@@ -8,8 +8,11 @@
 //! - connections between workers and coordinator cut by a proxy in this test;
 //! - object-store operations failing, before the write or after it with the reply lost.
 //!
-//! At the end every row is in the tables exactly once and equals the same row of a sweep
-//! run without faults, bit for bit: both sweeps compute the same jobs with the same binary
+//! Faults come at random times at fixed rates, so how many one sweep meets depends on how
+//! fast the machine and the engine are: when a sweep ends below 1,000, another sweep (a new
+//! output folder, the same facts) runs on under the same faults, until the total reaches it.
+//! At the end of each, every row is in its tables exactly once and equals the same row of a
+//! sweep run without faults, bit for bit: both sweeps compute the same jobs with the same binary
 //! on one thread each, so any difference would be a row from the wrong job or a corrupted
 //! one, not rounding.
 
@@ -155,13 +158,153 @@ fn reference_sweep(dir: &Path) -> PathBuf {
     sweep_dir(&out)
 }
 
+/// The fault injector: worker slots, fault clocks and counts, across the sweeps of a run.
+struct Chaos {
+    dir: PathBuf,
+    port: u16,
+    proxy_port: u16,
+    rng: StdRng,
+    injected: Injected,
+    /// Coordinator processes started so far (their logs are `coordinator-<run>`).
+    runs: u64,
+    spawned: usize,
+    slots: Vec<Slot>,
+    next_kill: Instant,
+    next_hang: Instant,
+    next_restart: Instant,
+}
+
+fn after(rng: &mut StdRng, lo: f64, hi: f64) -> Instant {
+    Instant::now() + Duration::from_secs_f64(rng.random_range(lo..hi))
+}
+
+impl Chaos {
+    fn new(dir: &Path, port: u16, proxy_port: u16) -> Self {
+        let mut rng = StdRng::seed_from_u64(2022);
+        let (next_kill, next_hang) = (after(&mut rng, 0.5, 1.5), after(&mut rng, 0.5, 1.5));
+        let next_restart = after(&mut rng, 6.0, 10.0);
+        let slots = (0..WORKERS).map(|_| Slot::Empty).collect();
+        let (injected, runs, spawned) = (Injected::default(), 0, 0);
+        Self {
+            dir: dir.to_path_buf(),
+            port,
+            proxy_port,
+            rng,
+            injected,
+            runs,
+            spawned,
+            slots,
+            next_kill,
+            next_hang,
+            next_restart,
+        }
+    }
+
+    fn worker(&mut self) -> Proc {
+        self.spawned += 1;
+        chaos_worker(self.proxy_port, &self.dir, self.spawned)
+    }
+
+    fn coordinator(&mut self, out: &Path) -> Proc {
+        let proc = chaos_coordinator(out, self.port, &self.dir, self.runs);
+        self.runs += 1;
+        proc
+    }
+
+    /// One sweep into `out`, under faults, until its coordinator finishes it.
+    fn sweep(&mut self, out: &Path, started: Instant) {
+        let mut coordinator = self.coordinator(out);
+        for i in 0..WORKERS {
+            if matches!(self.slots[i], Slot::Empty) {
+                self.slots[i] = Slot::Running(self.worker());
+            }
+        }
+        loop {
+            assert!(started.elapsed() < Duration::from_secs(900), "the sweeps did not finish");
+            if let Some(status) = coordinator.child.try_wait().expect("try_wait") {
+                assert!(status.success(), "the coordinator failed:\n{}", coordinator.stderr());
+                return;
+            }
+            let now = Instant::now();
+            for (i, slot) in self.slots.iter_mut().enumerate() {
+                *slot = match std::mem::replace(slot, Slot::Empty) {
+                    Slot::Hung(proc, until) if now >= until => {
+                        signal(&proc, "-CONT");
+                        Slot::Running(proc)
+                    }
+                    Slot::Running(mut proc) => match proc.child.try_wait().expect("try_wait") {
+                        // Told that the sweep is finished, while the coordinator lingers.
+                        Some(status) if status.success() => Slot::Empty,
+                        Some(status) => {
+                            panic!("worker slot {i} failed ({status}):\n{}", proc.stderr())
+                        }
+                        None => Slot::Running(proc),
+                    },
+                    other => other,
+                };
+            }
+            if now >= self.next_kill {
+                let i = self.rng.random_range(0..WORKERS);
+                if let Slot::Running(proc) = &mut self.slots[i] {
+                    proc.kill();
+                    self.injected.worker_kills += 1;
+                    self.injected.kills_mid_job +=
+                        u64::from(!e2e::jobs_in_flight(&proc.stderr()).is_empty());
+                    self.slots[i] = Slot::Running(self.worker());
+                }
+                self.next_kill = after(&mut self.rng, 0.5, 1.5);
+            }
+            if now >= self.next_hang {
+                let i = self.rng.random_range(0..WORKERS);
+                self.slots[i] = match std::mem::replace(&mut self.slots[i], Slot::Empty) {
+                    Slot::Running(proc) => {
+                        signal(&proc, "-STOP");
+                        self.injected.worker_hangs += 1;
+                        let in_flight = !e2e::jobs_in_flight(&proc.stderr()).is_empty();
+                        self.injected.hangs_mid_job += u64::from(in_flight);
+                        Slot::Hung(proc, after(&mut self.rng, LEASE + 0.5, LEASE + 1.5))
+                    }
+                    other => other,
+                };
+                self.next_hang = after(&mut self.rng, 0.5, 1.5);
+            }
+            if now >= self.next_restart {
+                if self.rng.random_bool(0.3) {
+                    // SIGTERM: it commits what it has and exits (non-zero: interrupted).
+                    signal(&coordinator, "-TERM");
+                    let _ = coordinator.wait(Duration::from_secs(120));
+                    self.injected.coordinator_terms += 1;
+                } else {
+                    coordinator.kill();
+                    self.injected.coordinator_kills += 1;
+                }
+                coordinator = self.coordinator(out);
+                self.next_restart = after(&mut self.rng, 6.0, 10.0);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        for slot in &mut self.slots {
+            match slot {
+                Slot::Running(p) => p.kill(),
+                Slot::Hung(p, _) => {
+                    signal(p, "-CONT");
+                    p.kill();
+                }
+                Slot::Empty => {}
+            }
+        }
+    }
+}
+
 #[test]
 fn a_thousand_faults_and_every_row_exactly_once() {
     let mut tmp = tempfile::tempdir().expect("tempdir");
     // CT_KEEP_CHAOS keeps the logs and tables for a look after a failure.
     tmp.disable_cleanup(std::env::var_os("CT_KEEP_CHAOS").is_some());
     let dir = tmp.path();
-    let out = dir.join("out");
     let (port, proxy_port) = (free_port(), free_port());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -175,98 +318,21 @@ fn a_thousand_faults_and_every_row_exactly_once() {
     runtime.spawn(proxy(listener, port, cuts.clone()));
 
     let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(2022);
-    let mut injected = Injected::default();
-    let mut runs = 0;
-    let mut coordinator = chaos_coordinator(&out, port, dir, runs);
-    let mut spawned = 0;
-    let mut slots: Vec<Slot> = (0..WORKERS)
-        .map(|_| {
-            spawned += 1;
-            Slot::Running(chaos_worker(proxy_port, dir, spawned))
-        })
-        .collect();
-    let after = |rng: &mut StdRng, lo: f64, hi: f64| {
-        Instant::now() + Duration::from_secs_f64(rng.random_range(lo..hi))
-    };
-    let mut next_kill = after(&mut rng, 0.5, 1.5);
-    let mut next_hang = after(&mut rng, 0.5, 1.5);
-    let mut next_restart = after(&mut rng, 6.0, 10.0);
+    let mut chaos = Chaos::new(dir, port, proxy_port);
+    let mut outs = Vec::new();
     loop {
-        assert!(started.elapsed() < Duration::from_secs(900), "the sweep did not finish");
-        if let Some(status) = coordinator.child.try_wait().expect("try_wait") {
-            assert!(status.success(), "the coordinator failed:\n{}", coordinator.stderr());
+        let out = dir.join(format!("out-{}", outs.len()));
+        chaos.sweep(&out, started);
+        outs.push(out);
+        chaos.injected.cuts = cuts.load(Ordering::Relaxed);
+        chaos.injected.store = count_in_coordinator_logs(dir, "storage fault injected");
+        if chaos.injected.total() >= MIN_FAULTS {
             break;
         }
-        let now = Instant::now();
-        for (i, slot) in slots.iter_mut().enumerate() {
-            *slot = match std::mem::replace(slot, Slot::Empty) {
-                Slot::Hung(proc, until) if now >= until => {
-                    signal(&proc, "-CONT");
-                    Slot::Running(proc)
-                }
-                Slot::Running(mut proc) => match proc.child.try_wait().expect("try_wait") {
-                    // Told that the sweep is finished, while the coordinator lingers.
-                    Some(status) if status.success() => Slot::Empty,
-                    Some(status) => panic!("worker slot {i} failed ({status}):\n{}", proc.stderr()),
-                    None => Slot::Running(proc),
-                },
-                other => other,
-            };
-        }
-        if now >= next_kill {
-            let i = rng.random_range(0..WORKERS);
-            if let Slot::Running(proc) = &mut slots[i] {
-                proc.kill();
-                injected.worker_kills += 1;
-                injected.kills_mid_job +=
-                    u64::from(!e2e::jobs_in_flight(&proc.stderr()).is_empty());
-                spawned += 1;
-                slots[i] = Slot::Running(chaos_worker(proxy_port, dir, spawned));
-            }
-            next_kill = after(&mut rng, 0.5, 1.5);
-        }
-        if now >= next_hang {
-            let i = rng.random_range(0..WORKERS);
-            slots[i] = match std::mem::replace(&mut slots[i], Slot::Empty) {
-                Slot::Running(proc) => {
-                    signal(&proc, "-STOP");
-                    injected.worker_hangs += 1;
-                    let in_flight = !e2e::jobs_in_flight(&proc.stderr()).is_empty();
-                    injected.hangs_mid_job += u64::from(in_flight);
-                    Slot::Hung(proc, after(&mut rng, LEASE + 0.5, LEASE + 1.5))
-                }
-                other => other,
-            };
-            next_hang = after(&mut rng, 0.5, 1.5);
-        }
-        if now >= next_restart {
-            if rng.random_bool(0.3) {
-                // SIGTERM: it commits what it has and exits (non-zero: interrupted).
-                signal(&coordinator, "-TERM");
-                let _ = coordinator.wait(Duration::from_secs(120));
-                injected.coordinator_terms += 1;
-            } else {
-                coordinator.kill();
-                injected.coordinator_kills += 1;
-            }
-            runs += 1;
-            coordinator = chaos_coordinator(&out, port, dir, runs);
-            next_restart = after(&mut rng, 6.0, 10.0);
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
     let elapsed = started.elapsed();
-    for slot in &mut slots {
-        match slot {
-            Slot::Running(p) => p.kill(),
-            Slot::Hung(p, _) => {
-                signal(p, "-CONT");
-                p.kill();
-            }
-            Slot::Empty => {}
-        }
-    }
+    chaos.stop();
+    let (runs, mut injected) = (chaos.runs, std::mem::take(&mut chaos.injected));
     injected.cuts = cuts.load(Ordering::Relaxed);
     injected.store = count_in_coordinator_logs(dir, "storage fault injected");
     let lost_replies = count_in_coordinator_logs(dir, "(done, reply lost)");
@@ -277,50 +343,54 @@ fn a_thousand_faults_and_every_row_exactly_once() {
     // cannot place a few non-ASCII subjects), the same scores.
     let reference_dir = reference_sweep(dir);
     let reference = read_tables(&reference_dir);
-    let chaos = sweep_dir(&out);
-    let m = manifest(&chaos);
-    assert_eq!(m["state"], "finished", "{m}");
-    let r = manifest(&reference_dir);
-    assert_eq!(
-        (&m["jobs"]["done"], &m["jobs"]["failed"]),
-        (&r["jobs"]["done"], &r["jobs"]["failed"])
-    );
-    assert_eq!(m["rows"], r["rows"], "the journal's counts");
-    let tables = read_tables(&chaos);
-    let rows = tables.assert_exactly_once(3, 3);
     reference.assert_exactly_once(3, 3);
+    let r = manifest(&reference_dir);
     let facts = |t: &e2e::Tables| {
         let mut ids: Vec<u64> = t.facts.iter().map(|f| f.known_id).collect();
         ids.sort_unstable();
         ids
     };
-    assert_eq!(facts(&tables), facts(&reference));
     let errors = |t: &e2e::Tables| {
         let mut e: Vec<String> = t.errors.iter().map(|e| format!("{e:?}")).collect();
         e.sort();
         e
     };
-    assert_eq!(errors(&tables), errors(&reference));
     let expected: HashMap<_, _> = reference
         .traces
         .iter()
         .map(|r| ((r.known_id, r.kind, r.token, r.layer), r.score.to_bits()))
         .collect();
-    assert_eq!(expected.len(), rows, "both sweeps have the same rows");
-    for r in &tables.traces {
-        let key = (r.known_id, r.kind, r.token, r.layer);
-        assert_eq!(expected.get(&key), Some(&r.score.to_bits()), "{r:?}");
+    let (mut rows, mut m) = (0, serde_json::Value::Null);
+    for out in &outs {
+        let chaos = sweep_dir(out);
+        m = manifest(&chaos);
+        assert_eq!(m["state"], "finished", "{m}");
+        assert_eq!(
+            (&m["jobs"]["done"], &m["jobs"]["failed"]),
+            (&r["jobs"]["done"], &r["jobs"]["failed"])
+        );
+        assert_eq!(m["rows"], r["rows"], "the journal's counts");
+        let tables = read_tables(&chaos);
+        rows = tables.assert_exactly_once(3, 3);
+        assert_eq!(facts(&tables), facts(&reference));
+        assert_eq!(errors(&tables), errors(&reference));
+        assert_eq!(expected.len(), rows, "both sweeps have the same rows");
+        for r in &tables.traces {
+            let key = (r.known_id, r.kind, r.token, r.layer);
+            assert_eq!(expected.get(&key), Some(&r.score.to_bits()), "{r:?}");
+        }
     }
 
     println!(
-        "fault-injection run: {} faults in {:.0} s: {} worker kills ({} mid-job), {} worker \
-         hangs ({} mid-job), \
+        "fault-injection run: {} faults in {:.0} s over {} sweep(s), {runs} coordinator \
+         processes: {} worker kills ({} mid-job), {} worker hangs ({} mid-job), \
          {} coordinator kills (SIGKILL) and {} stops (SIGTERM), {} dropped connections, \
          {} store errors ({lost_replies} after the write landed); {resumes} resumes; \
          {} jobs ({} given up, as without faults), {} retries in the last run; {rows} trace \
-         rows, each exactly once and equal to the fault-free sweep's",
+         rows per sweep, each exactly once and equal to the fault-free sweep's",
         injected.total(),
         elapsed.as_secs_f64(),
+        outs.len(),
         injected.worker_kills,
         injected.kills_mid_job,
         injected.worker_hangs,
