@@ -390,7 +390,9 @@ impl Runs {
         let first = |v: Vec<MetricValues>| {
             v.into_iter().next().ok_or_else(|| Error::Trace("a run without rows".into()))
         };
-        let clean = first(scorer.score(clean_logits, 1)?)?;
+        // KL(p_clean ‖ p_clean) is 0 by definition; the scorer's rearranged sums would leave
+        // ~1e-15 of rounding.
+        let clean = MetricValues { kl: 0.0, ..first(scorer.score(clean_logits, 1)?)? };
         let (samples, _) = corrupted_logits.dims2()?;
         let corrupted = first(scorer.score(corrupted_logits, samples)?)?;
         Ok((Self { foil_id, clean, corrupted }, scorer))
