@@ -183,17 +183,15 @@ impl Chaos {
         let mut rng = StdRng::seed_from_u64(2022);
         let (next_kill, next_hang) = (after(&mut rng, 0.5, 1.5), after(&mut rng, 0.5, 1.5));
         let next_restart = after(&mut rng, 6.0, 10.0);
-        let slots = (0..WORKERS).map(|_| Slot::Empty).collect();
-        let (injected, runs, spawned) = (Injected::default(), 0, 0);
         Self {
             dir: dir.to_path_buf(),
             port,
             proxy_port,
             rng,
-            injected,
-            runs,
-            spawned,
-            slots,
+            injected: Injected::default(),
+            runs: 0,
+            spawned: 0,
+            slots: (0..WORKERS).map(|_| Slot::Empty).collect(),
             next_kill,
             next_hang,
             next_restart,
