@@ -289,7 +289,11 @@ fn storage_faults_are_retried_and_nothing_is_lost() {
 fn a_store_that_fails_for_good_stops_the_sweep_and_resume_recovers() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
-    let mut run = storage_fault_args(&out, "1,after=30");
+    // The store breaks for good at its 13th operation. Start-up takes six (listing and
+    // clearing the tables, the manifest), and the first commit at most six more (facts,
+    // three trace kinds, errors, journal), so one commit always lands first; a fast sweep
+    // makes as few as four commits (~28 operations), so a later mark could miss the sweep.
+    let mut run = storage_fault_args(&out, "1,after=12");
     run.extend(args(&["--storage-give-up-secs", "1"]));
     let mut broken = Proc::start(&bin("coordinator"), &run, tmp.path(), "broken");
     assert!(!broken.wait(Duration::from_secs(180)).success(), "the sweep stops");
