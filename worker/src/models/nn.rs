@@ -38,7 +38,7 @@ impl Linear {
         let dims = xs.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = xs.elem_count() / in_dim.max(1);
-        let ys = xs.reshape((rows, in_dim))?.matmul(&self.w_in_out)?;
+        let ys = super::matmul::matmul(&xs.reshape((rows, in_dim))?, &self.w_in_out)?;
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
@@ -147,8 +147,7 @@ pub(crate) fn extend_kv(past: Option<&LayerKv>, k: Tensor, v: Tensor) -> Result<
 
 /// Splits `(b, t, n_heads * head_dim)` into `(b, n_heads, t, head_dim)`, contiguous.
 pub(crate) fn split_heads(xs: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
-    let (b_sz, seq_len, _) = xs.dims3()?;
-    Ok(xs.reshape((b_sz, seq_len, n_heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+    super::ops::split_heads(xs, n_heads, head_dim)
 }
 
 /// Queries, keys and values `(b, heads, t, head_dim)` from the output of a fused q/k/v
@@ -167,7 +166,7 @@ pub(crate) fn split_qkv(
 /// Merges `(b, n_heads, t, head_dim)` back into `(b, t, n_heads * head_dim)`.
 pub(crate) fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     let (b_sz, n_heads, seq_len, head_dim) = xs.dims4()?;
-    Ok(xs.transpose(1, 2)?.reshape((b_sz, seq_len, n_heads * head_dim))?)
+    Ok(super::ops::swap_axes_12(xs)?.reshape((b_sz, seq_len, n_heads * head_dim))?)
 }
 
 /// LayerNorm with a weight and a bias over the last dimension (GPT-2, GPT-J, GPT-NeoX), as
