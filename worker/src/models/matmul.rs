@@ -59,7 +59,7 @@ impl CustomOp2 for Gemm {
         let rhs = &rhs[l2.start_offset()..];
         // The last elements the strides reach must be inside the buffers.
         let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
-            (rows > 0 && cols > 0).then(|| (rows - 1) * rs + (cols - 1) * cs + 1).unwrap_or(0)
+            if rows > 0 && cols > 0 { (rows - 1) * rs + (cols - 1) * cs + 1 } else { 0 }
         };
         if reach(m, k, lhs_rs, lhs_cs) > lhs.len() || reach(k, n, rhs_rs, rhs_cs) > rhs.len() {
             candle_core::bail!("gemm-f32: a layout outside its buffer");
