@@ -8,8 +8,10 @@ The functions below follow ROME's experiments/causal_trace.py (kmeng01/rome, MIT
 line for line -- make_inputs, predict_from_input, decode_tokens, find_token_range,
 collect_embedding_std, trace_with_patch, trace_important_states/window,
 calculate_hidden_flow -- with two adaptations: forward hooks stand in for ROME's nethook, and
-the layer names are Llama's (model.model.embed_tokens, model.model.layers.N, .mlp, .self_attn)
-since the model is SmolLM2 loaded by transformers from its GGUF file (dequantized to f32).
+layername knows Llama's names (model.model.embed_tokens, model.model.layers.N, .mlp,
+.self_attn) beside ROME's own GPT-2 branch, since the model is SmolLM2 loaded by transformers
+from its GGUF file (dequantized to f32); make_inputs' batch goes to the model's device, where
+ROME's goes to "cuda".
 
 The --severed functions follow notebooks/causal_trace_frozen_mlp_attn.ipynb (same repository)
 line for line -- trace_with_repatch, calculate_hidden_flow_3, trace_important_states_3 -- with
@@ -80,6 +82,11 @@ GEMMA3_FACTS = [818, 21]
 
 
 def layername(model, num, kind=None):
+    # ROME's own branch for GPT-2 (its models), then Llama's names (SmolLM2, Gemma).
+    if hasattr(model, "transformer"):
+        if kind == "embed":
+            return "transformer.wte"
+        return f'transformer.h.{num}{"" if kind is None else "." + kind}'
     if kind == "embed":
         return "model.embed_tokens"
     return f"model.layers.{num}" + ("" if kind is None else {"mlp": ".mlp", "attn": ".self_attn"}[kind])
@@ -239,7 +246,8 @@ def trace_important_states(model, num_layers, inp, e_range, answer_t, noise, kin
 
 
 def calculate_hidden_flow(model, tokenizer, prompt, subject, samples=10, noise=0.1, window=10, kind=None, expect=None):
-    inp = make_inputs(tokenizer, [prompt] * (samples + 1))
+    # ROME's make_inputs puts the batch on "cuda"; here on the model's device.
+    inp = make_inputs(tokenizer, [prompt] * (samples + 1), device=next(model.parameters()).device)
     with torch.no_grad():
         answer_t, base_score = [d[0] for d in predict_from_input(model, inp)]
     [answer] = decode_tokens(tokenizer, [answer_t])
@@ -333,7 +341,8 @@ def calculate_hidden_flow_3(
     disable_mlp=False,
     disable_attn=False,
 ):
-    inp = make_inputs(tokenizer, [prompt] * (samples + 1))
+    # ROME's make_inputs puts the batch on "cuda"; here on the model's device.
+    inp = make_inputs(tokenizer, [prompt] * (samples + 1), device=next(model.parameters()).device)
     with torch.no_grad():
         answer_t, base_score = [d[0] for d in predict_from_input(model, inp)]
     [answer] = decode_tokens(tokenizer, [answer_t])

@@ -8,10 +8,13 @@
 //! paths agree. Not a test: timings on shared machines are noisy, ratios within one run less so.
 //!
 //! With a Python that has torch and transformers (`--rome-python`; by default the golden
-//! venv of tools/golden-requirements.txt when it exists) and a GGUF model, it also runs ROME's
-//! own code (tools/rome_bench.py) on each fact right after ours, on the same threads, and
-//! prints the ratio, and PyTorch's GEMM rate next to candle's: the fast path's share is
-//! taken of the higher of the two.
+//! venv of tools/golden-requirements.txt when it exists) and a GGUF model or a Hugging Face
+//! folder, it also runs ROME's own code (tools/rome_bench.py) on each fact right after ours,
+//! on the same threads or the same GPU in the same dtype, and prints the ratio, and PyTorch's
+//! GEMM rate next to candle's: the fast path's share is taken of the higher of the two.
+//! ROME's code traces ROME's experiment; `--correctness none` is allowed beside it (ROME's
+//! code traces every fact it is given), for random models that predict nothing
+//! (tools/random_model.py).
 //!
 //!     RAYON_NUM_THREADS=2 cargo run --release -p worker --bin trace-bench -- \
 //!         --model "$(scripts/fetch-model.sh)" --knowns ../shared/data/known_1000.json --facts 5
@@ -22,12 +25,13 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use common::dataset::read_knowns_file;
 use common::donor::Relations;
 use common::experiment::{Experiment, Resolved};
 use common::flags::ExperimentFlags;
+use common::settings::Correctness;
 use worker::cli::ModelArgs;
 use worker::trace::cost::{fast_flops, model_cost, naive_flops};
 use worker::trace::noise::embedding_std;
@@ -57,7 +61,7 @@ struct Args {
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// Python with torch and transformers to run ROME's own code on each fact too (default:
-    /// ~/.cache/causal-trace/golden/bin/python when it exists; GGUF models only).
+    /// ~/.cache/causal-trace/golden/bin/python when it exists).
     #[arg(long)]
     rome_python: Option<PathBuf>,
     /// Do not run ROME's code even when its Python is present.
@@ -82,7 +86,7 @@ struct RomeFact {
 impl Rome {
     fn start(
         python: &FsPath,
-        gguf: &FsPath,
+        model: &ModelArgs,
         knowns: &FsPath,
         level: f64,
         threads: usize,
@@ -90,8 +94,9 @@ impl Rome {
         let script = FsPath::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rome_bench.py");
         let mut child = Command::new(python)
             .arg(&script)
-            .arg("--gguf")
-            .arg(gguf)
+            .arg("--model")
+            .arg(&model.model)
+            .args(["--device", &model.device, "--dtype", &model.dtype])
             .arg("--knowns")
             .arg(knowns)
             .arg("--noise-level")
@@ -141,7 +146,8 @@ impl Drop for Rome {
 
 /// The Python to run ROME's code with, if any.
 fn rome_python(args: &Args) -> Option<PathBuf> {
-    if args.no_rome || args.model.model.extension().is_none_or(|e| e != "gguf") {
+    let path = &args.model.model;
+    if args.no_rome || !(path.is_dir() || path.extension().is_some_and(|e| e == "gguf")) {
         return None;
     }
     args.rome_python.clone().or_else(|| {
@@ -153,17 +159,19 @@ fn rome_python(args: &Args) -> Option<PathBuf> {
     })
 }
 
-/// f32 GEMM rate of this machine through candle right now: the median of seven 2048³
-/// products (shared machines drift by ±20% over minutes, so it is measured next to each fact).
-fn gemm_gflops() -> anyhow::Result<f64> {
-    let n = 2048;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+/// GEMM rate of the model's device in its dtype through candle right now: the median of
+/// seven 2048³ products, 8192³ on a GPU (shared machines drift by ±20% over minutes, so it is
+/// measured next to each fact). Reading the sum back waits for the device.
+fn gemm_gflops(device: &Device, dtype: DType) -> anyhow::Result<f64> {
+    let n = if device.is_cpu() { 2048 } else { 8192 };
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    a.matmul(&b)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     let mut rates = Vec::new();
     for _ in 0..7 {
         let start = Instant::now();
         let c = a.matmul(&b)?;
-        c.sum_all()?.to_scalar::<f32>()?;
+        c.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         rates.push(2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64() / 1e9);
     }
     Ok(median(rates))
@@ -201,15 +209,19 @@ fn main() -> anyhow::Result<()> {
     let opts = TraceOptions::default();
     let cost = model_cost(&loaded.model);
 
+    let (device, dtype) = (loaded.model.device().clone(), args.model.load_options()?.dtype);
     let corruption = exp.noise.map_or("STR".into(), |n| format!("noise level {:.4}", n.level));
     println!(
-        "threads {threads}, {corruption}; GEMM: candle's f32 2048^3 rate ({} kernels), measured just before and after each fast trace",
+        "threads {threads}, {corruption}; GEMM: candle's {dtype:?} rate on {} ({} kernels on a CPU), measured just before and after each fast trace",
+        args.model.device,
         worker::cpu::gemm_isa()
     );
-    // ROME's code traces ROME's experiment only: the default flags.
+    // ROME's code traces ROME's experiment only: the default flags, or every fact.
+    let romes =
+        [Experiment::rome(), Experiment { correctness: Correctness::None, ..Experiment::rome() }];
     let mut rome = match (rome_python(&args), exp.noise) {
-        (Some(python), Some(noise)) if exp.experiment == Experiment::rome() => {
-            Some(Rome::start(&python, &args.model.model, &args.knowns, noise.level, threads)?)
+        (Some(python), Some(noise)) if romes.contains(&exp.experiment) => {
+            Some(Rome::start(&python, &args.model, &args.knowns, noise.level, threads)?)
         }
         _ => None,
     };
@@ -261,7 +273,7 @@ fn main() -> anyhow::Result<()> {
             expect: Some(&fact.attribute),
             candidates: &relations.candidates(&knowns.facts, i),
         };
-        let gemm_before = gemm_gflops()?;
+        let gemm_before = gemm_gflops(&device, dtype)?;
         let start = Instant::now();
         let calls_before = worker::forward::layer_calls();
         let fast = trace_fact(&loaded.model, tokenizer, &input, &exp, &opts, Path::Fast)?;
@@ -270,7 +282,7 @@ fn main() -> anyhow::Result<()> {
         if !fast.traced() {
             continue;
         }
-        let gemm = (gemm_before + gemm_gflops()?) / 2.0;
+        let gemm = (gemm_before + gemm_gflops(&device, dtype)?) / 2.0;
         done += 1;
         let t_len = fast.tokens.len();
         let (b, e) = fast.subject_range;
