@@ -146,9 +146,7 @@ pub(crate) fn extend_kv(past: Option<&LayerKv>, k: Tensor, v: Tensor) -> Result<
 }
 
 /// Splits `(b, t, n_heads * head_dim)` into `(b, n_heads, t, head_dim)`, contiguous.
-pub(crate) fn split_heads(xs: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
-    super::ops::split_heads(xs, n_heads, head_dim)
-}
+pub(crate) use super::ops::split_heads;
 
 /// Queries, keys and values `(b, heads, t, head_dim)` from the output of a fused q/k/v
 /// projection `(b, t, 3 × n_heads × head_dim)` laid out `[q | k | v]` (multi-head attention:

@@ -94,14 +94,13 @@ impl Scorer {
     /// The metrics of consecutive groups of `samples` rows of `logits` `(groups × samples,
     /// vocab)`, each averaged over its group.
     pub(crate) fn score(&self, logits: &Tensor, samples: usize) -> Result<Vec<MetricValues>> {
-        let logits = logits.to_dtype(DType::F32)?;
         let (n_rows, vocab) = logits.dims2()?;
         if samples == 0 || n_rows % samples != 0 {
             return Err(Error::Trace(format!("{n_rows} rows in groups of {samples}")));
         }
         self.check_vocab(vocab)?;
         let per_row: Vec<RowMetrics> =
-            with_host_f32(&logits, |flat| flat.par_chunks(vocab).map(|z| self.row(z)).collect())?;
+            with_host_f32(logits, |flat| flat.par_chunks(vocab).map(|z| self.row(z)).collect())?;
         Ok(per_row
             .chunks(samples)
             .map(|group| {
