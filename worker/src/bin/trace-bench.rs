@@ -91,12 +91,19 @@ impl Rome {
         level: f64,
         threads: usize,
     ) -> anyhow::Result<Self> {
-        let script = FsPath::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rome_bench.py");
+        // The checkout it runs in first: a binary built elsewhere (the CUDA build carried to
+        // a GPU machine) has a build path that does not exist there.
+        let here = FsPath::new("tools/rome_bench.py");
+        let script = match here.exists() {
+            true => here.to_path_buf(),
+            false => FsPath::new(env!("CARGO_MANIFEST_DIR")).join("../tools/rome_bench.py"),
+        };
         let mut child = Command::new(python)
             .arg(&script)
             .arg("--model")
             .arg(&model.model)
             .args(["--device", &model.device, "--dtype", &model.dtype])
+            .args(model.tf32.then_some("--tf32"))
             .arg("--knowns")
             .arg(knowns)
             .arg("--noise-level")

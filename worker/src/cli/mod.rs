@@ -53,6 +53,10 @@ pub struct ModelArgs {
     /// Weights and activations: `f32`, `f16` or `bf16`.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// On CUDA, let f32 matmuls round their inputs to TF32 on the tensor cores: several times
+    /// faster, not exact (docs/performance.md measures how far from f32). No effect on a CPU.
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 impl ModelArgs {
@@ -64,6 +68,8 @@ impl ModelArgs {
     /// Loads the model these arguments name.
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let opts = self.load_options()?;
+        // cuBLAS's math mode is process-wide in candle, so it is set once, before any matmul.
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32);
         load_model(&self.model, &opts).with_context(|| format!("loading {}", self.model.display()))
     }
 }

@@ -80,6 +80,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             model: path.clone(),
             device: args.device.clone(),
             dtype: args.dtype.clone(),
+            tf32: false,
         };
         let opts = model_args.load_options()?;
         let loaded = tokio::task::spawn_blocking(move || load_model(&path, &opts))
