@@ -17,8 +17,6 @@
 //! keys and values of tokens `< t` for layers `>= l`. Restoring a state at (t, l) changes
 //! nothing before token t or below layer l, so causal tracing computes only that suffix.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use candle_core::{D, Tensor};
 
 use crate::error::{Error, Result, bail_request};
@@ -300,14 +298,18 @@ pub(crate) fn run<M: Decoder + ?Sized>(
     Ok(ForwardOutput { logits, captures, kv: kv_out })
 }
 
-/// Blocks run by this process so far, every forward and resumed suffix together: what a
-/// benchmark reads before and after a trace to report how many batched layer calls it took
-/// (each is a few dozen kernels, so on a GPU their number bounds the launch overhead).
-static LAYER_CALLS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Blocks run by this thread so far, every forward and resumed suffix together: what a
+    /// benchmark or a test reads before and after a trace (which runs its blocks on the
+    /// calling thread) to count its batched layer calls. Each is a few dozen kernels, so on a
+    /// GPU their number bounds the launch overhead. Per thread, so that tests running side
+    /// by side do not count each other's.
+    static LAYER_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
-/// The number of blocks this process has run, every forward and resumed suffix together.
+/// The number of blocks this thread has run, every forward and resumed suffix together.
 pub fn layer_calls() -> u64 {
-    LAYER_CALLS.load(Ordering::Relaxed)
+    LAYER_CALLS.with(|c| c.get())
 }
 
 /// One block: attention and MLP with their residual adds, and the interventions of their
@@ -321,7 +323,7 @@ pub(crate) fn layer_step<M: Decoder + ?Sized>(
     iv: &Interventions,
     captures: &mut [Option<Tensor>],
 ) -> Result<(Tensor, LayerKv)> {
-    LAYER_CALLS.fetch_add(1, Ordering::Relaxed);
+    LAYER_CALLS.with(|c| c.set(c.get() + 1));
     let (heads, kv) = model.attn(layer, &xs, pos0, past)?;
     // All heads' patches and copies, then single heads', then the captures of both, so a
     // capture of the heads sees a patched head.

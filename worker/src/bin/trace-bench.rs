@@ -64,6 +64,12 @@ struct Args {
     /// ~/.cache/causal-trace/golden/bin/python when it exists).
     #[arg(long)]
     rome_python: Option<PathBuf>,
+    /// Fast path memory bound (default: the device's, as `worker trace`).
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    /// Traced tokens per batched forward (default: 1 on a CPU, all on a GPU).
+    #[arg(long)]
+    tokens_per_batch: Option<usize>,
     /// Do not run ROME's code even when its Python is present.
     #[arg(long)]
     no_rome: bool,
@@ -213,13 +219,22 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let exp = Resolved::new(experiment, noise)?;
-    let opts = TraceOptions::default();
+    let opts = TraceOptions::for_device(
+        loaded.model.device(),
+        args.max_batch_tokens,
+        args.tokens_per_batch,
+    );
     let cost = model_cost(&loaded.model);
 
     let (device, dtype) = (loaded.model.device().clone(), args.model.load_options()?.dtype);
     let corruption = exp.noise.map_or("STR".into(), |n| format!("noise level {:.4}", n.level));
     println!(
-        "threads {threads}, {corruption}; GEMM: candle's {dtype:?} rate on {} ({} kernels on a CPU), measured just before and after each fast trace",
+        "threads {threads}, {corruption}; batches of {} states, {} tokens each; GEMM: candle's {dtype:?} rate on {} ({} kernels on a CPU), measured just before and after each fast trace",
+        opts.max_batch_tokens,
+        match opts.tokens_per_batch {
+            usize::MAX => "all".to_string(),
+            n => n.to_string(),
+        },
         args.model.device,
         worker::cpu::gemm_isa()
     );
@@ -293,7 +308,8 @@ fn main() -> anyhow::Result<()> {
         done += 1;
         let t_len = fast.tokens.len();
         let (b, e) = fast.subject_range;
-        let fast_tf = fast_flops(&cost, &exp.experiment, t_len, (b, e)) / 1e12;
+        let fast_tf =
+            fast_flops(&cost, &exp.experiment, t_len, (b, e), opts.tokens_per_batch) / 1e12;
         let naive_tf = naive_flops(&cost, &exp.experiment, t_len, (b, e)) / 1e12;
         let (naive_s, max_diff) = if args.fast_only {
             (f64::NAN, f32::NAN)
@@ -357,7 +373,7 @@ fn main() -> anyhow::Result<()> {
                 "naive_seconds": naive_s, "fast_seconds": fast_s, "speedup": speedup,
                 "naive_tflop": naive_tf, "fast_tflop": fast_tf, "flop_ratio": flop_ratio,
                 "naive_gflops": naive_gf, "fast_gflops": fast_gf, "gemm_gflops": gemm, "fast_share_of_gemm": fast_share, "max_abs_diff": max_diff,
-                "layer_calls": layer_calls, "rome_seconds": rome_s, "torch_gemm_gflops": torch_gemm,
+                "layer_calls": layer_calls, "tokens_per_batch": opts.tokens_per_batch.min(t_len), "max_batch_tokens": opts.max_batch_tokens, "rome_seconds": rome_s, "torch_gemm_gflops": torch_gemm,
                 "gemm_isa": worker::cpu::gemm_isa(),
             });
             writeln!(f, "{record}")?;

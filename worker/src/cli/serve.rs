@@ -11,6 +11,7 @@ use common::storage::Location;
 
 use crate::load::load_model;
 use crate::serve::{ServeOptions, fetch::local_model, serve};
+use crate::trace::TraceOptions;
 
 /// `worker serve`.
 #[derive(Debug, Args)]
@@ -49,9 +50,14 @@ pub struct ServeArgs {
     /// Exit with an error after the coordinator has been unreachable this long (seconds).
     #[arg(long, default_value_t = 600.0)]
     pub give_up_secs: f64,
-    /// Fast path memory bound: (row × token) states per batched forward.
-    #[arg(long, default_value_t = 8192)]
-    pub max_batch_tokens: usize,
+    /// Fast path memory bound: (row × token) states per batched forward (default: 8192 on a
+    /// CPU, 131072 on a GPU).
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Fast path: traced tokens whose cells share one batched forward (default: 1 on a CPU,
+    /// all on a GPU). More means fewer, larger layer calls and some recomputed tokens.
+    #[arg(long)]
+    pub tokens_per_batch: Option<usize>,
     /// Fault-injection tests: hold every job this long before computing it, so that a test
     /// can kill a worker or the coordinator while jobs are in flight.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -109,7 +115,11 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             capabilities,
             grace: Duration::from_secs_f64(args.grace_secs.max(0.0)),
             give_up: Duration::from_secs_f64(args.give_up_secs.max(0.0)),
-            max_batch_tokens: args.max_batch_tokens,
+            batching: TraceOptions::for_device(
+                loaded.model.device(),
+                args.max_batch_tokens,
+                args.tokens_per_batch,
+            ),
             job_delay: Duration::from_millis(args.job_delay_ms),
         };
         serve(Arc::new(loaded), opts).await

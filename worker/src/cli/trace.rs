@@ -47,9 +47,14 @@ pub struct TraceArgs {
     /// Compute the tables ROME's way (slow; the reference for the fast path).
     #[arg(long)]
     pub naive: bool,
-    /// Fast path memory bound: (row × token) states per batched forward.
-    #[arg(long, default_value_t = 8192)]
-    pub max_batch_tokens: usize,
+    /// Fast path memory bound: (row × token) states per batched forward (default: 8192 on a
+    /// CPU, 131072 on a GPU).
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Fast path: traced tokens whose cells share one batched forward (default: 1 on a CPU,
+    /// all on a GPU). More means fewer, larger layer calls and some recomputed tokens.
+    #[arg(long)]
+    pub tokens_per_batch: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -139,7 +144,11 @@ pub fn run_trace(args: &TraceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         None => None,
     };
     let exp = Resolved::new(experiment, noise)?;
-    let opts = TraceOptions { max_batch_tokens: args.max_batch_tokens, layers: None };
+    let opts = TraceOptions::for_device(
+        loaded.model.device(),
+        args.max_batch_tokens,
+        args.tokens_per_batch,
+    );
     let fact = match &known {
         Some(f) => FactInput {
             known_id: f.known_id,

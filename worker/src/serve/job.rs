@@ -35,7 +35,7 @@ impl JobError {
 pub fn compute(
     loaded: &LoadedModel,
     work: &proto::job::Work,
-    max_batch_tokens: usize,
+    batching: &TraceOptions,
 ) -> Result<proto::complete_request::Result, JobError> {
     match work {
         proto::job::Work::Calibration(c) => {
@@ -55,7 +55,7 @@ pub fn compute(
             let exp =
                 proto::convert::resolved(job).map_err(|e| JobError::settings(e.to_string()))?;
             let layers = job.layer_start as usize..job.layer_end as usize;
-            let opts = TraceOptions { max_batch_tokens, layers: Some(layers.clone()) };
+            let opts = TraceOptions { layers: Some(layers.clone()), ..batching.clone() };
             let tokenizer = loaded.tokenizer().map_err(|e| JobError::new("trace", &e))?;
             let candidates = proto::convert::candidates(job);
             let input = FactInput {

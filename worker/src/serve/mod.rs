@@ -22,6 +22,7 @@ use anyhow::{Context, bail};
 use tonic::{Code, Status};
 
 use crate::load::LoadedModel;
+use crate::trace::TraceOptions;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -40,8 +41,8 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// Give up when the coordinator has been unreachable this long.
     pub give_up: Duration,
-    /// Fast path memory bound.
-    pub max_batch_tokens: usize,
+    /// The fast path's batching (its `layers` are each job's own).
+    pub batching: TraceOptions,
     /// Held before each job (fault-injection tests only).
     pub job_delay: Duration,
 }
@@ -328,14 +329,14 @@ async fn run_job(
     };
     let started = Instant::now();
     let model = loaded.clone();
-    let (max_batch_tokens, delay) = (opts.max_batch_tokens, opts.job_delay);
+    let (batching, delay) = (opts.batching.clone(), opts.job_delay);
     // The fault-injection tests read this line to know a job is in flight.
     tracing::info!(job = job.job_id, lease = job.lease_id, "computing");
     let mut task = tokio::task::spawn_blocking(move || {
         // Holding the job (tests only) keeps it in flight long enough to kill a process
         // while it is; heartbeats go on meanwhile, as for a slow job.
         std::thread::sleep(delay);
-        job::compute(&model, &work, max_batch_tokens)
+        job::compute(&model, &work, &batching)
     });
     let mut beat = tokio::time::interval(session.heartbeat);
     beat.tick().await;

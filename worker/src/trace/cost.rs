@@ -125,12 +125,15 @@ pub fn naive_flops(
 /// row, a corrupted run of S rows (and the severed kinds' second draw in ROME's seed mode),
 /// then per traced token ≥ b the severed kinds' trunk (S rows from layer 0) and, for each
 /// cell that is not a provable no-op, S rows computing tokens `t..T` from the layer it joins
-/// at, the head at the last position.
+/// at, the head at the last position. With `tokens_per_batch` > 1 the traced tokens go in
+/// groups, as the fast path batches them, and a cell's rows compute from its group's earliest
+/// restored token instead of its own.
 pub fn fast_flops(
     cost: &ModelCost,
     exp: &Experiment,
     t_len: usize,
     subject: (usize, usize),
+    tokens_per_batch: usize,
 ) -> f64 {
     let (n_layers, s, g) = (cost.n_layers, exp.samples(), cost.geometry());
     let two_draws = exp.two_draws();
@@ -138,17 +141,25 @@ pub fn fast_flops(
     let mut flops = cost.forward(1, 0, t_len, n_layers, 1)
         + corrupted_runs as f64 * cost.forward(s, 0, t_len, n_layers, 1);
     let window = exp.window as usize;
-    for &kind in &exp.kinds {
-        for t in exp.tokens.select(subject, t_len).into_iter().filter(|&t| t >= subject.0) {
-            if kind.freezes().is_some() && two_draws {
-                flops += cost.forward(s, t, t_len, n_layers, 1);
-            }
-            for (layer, head) in kind.layer_heads(g) {
-                let cell = Cell { token: t, layer, head };
-                if let Plan::Run { join } = kind.plan(cell, subject, t_len, window, n_layers) {
-                    flops += cost.forward(s, t, t_len, n_layers - join, 1);
+    let tokens = exp.tokens.select(subject, t_len);
+    for group in tokens.chunks(tokens_per_batch.max(1)) {
+        let mut runs = Vec::new();
+        for &kind in &exp.kinds {
+            for &t in group.iter().filter(|&&t| t >= subject.0) {
+                if kind.freezes().is_some() && two_draws {
+                    flops += cost.forward(s, t, t_len, n_layers, 1);
+                }
+                for (layer, head) in kind.layer_heads(g) {
+                    let cell = Cell { token: t, layer, head };
+                    if let Plan::Run { join } = kind.plan(cell, subject, t_len, window, n_layers) {
+                        runs.push((t, join));
+                    }
                 }
             }
+        }
+        let start = runs.iter().map(|&(t, _)| t).min().unwrap_or(0);
+        for (_, join) in runs {
+            flops += cost.forward(s, start, t_len, n_layers - join, 1);
         }
     }
     flops
@@ -180,9 +191,9 @@ mod tests {
         let raw: crate::models::gpt2::RawConfig = serde_json::from_str("{}").expect("defaults");
         let cost = ModelCost::of(&ModelConfig::Gpt2(raw.into_config("test").expect("config")));
         let exp = Experiment::rome();
-        let ratio = naive_flops(&cost, &exp, 10, (0, 2)) / fast_flops(&cost, &exp, 10, (0, 2));
+        let ratio = naive_flops(&cost, &exp, 10, (0, 2)) / fast_flops(&cost, &exp, 10, (0, 2), 1);
         assert!(ratio > 3.0 && ratio < 8.0, "{ratio}");
-        let later = naive_flops(&cost, &exp, 10, (4, 6)) / fast_flops(&cost, &exp, 10, (4, 6));
+        let later = naive_flops(&cost, &exp, 10, (4, 6)) / fast_flops(&cost, &exp, 10, (4, 6), 1);
         assert!(later > ratio, "{later} vs {ratio}");
         // A Figure-3 experiment of the last subject token costs a fraction of a full trace.
         let mut fig3 = Experiment::rome();
@@ -190,14 +201,35 @@ mod tests {
         fig3.tokens = common::experiment::Tokens(vec![common::experiment::TokenRole::LastSubject]);
         let mut full = fig3.clone();
         full.tokens = common::experiment::Tokens::all();
-        let share = fast_flops(&cost, &fig3, 10, (0, 2)) / fast_flops(&cost, &full, 10, (0, 2));
+        let share =
+            fast_flops(&cost, &fig3, 10, (0, 2), 1) / fast_flops(&cost, &full, 10, (0, 2), 1);
         assert!(share < 0.3, "{share}");
         // Noising: the naive path runs two passes per cell, the fast path what it did.
         let noising = Experiment { direction: common::experiment::Direction::Noising, ..exp };
         let rome = Experiment::rome();
-        assert_eq!(fast_flops(&cost, &noising, 10, (0, 2)), fast_flops(&cost, &rome, 10, (0, 2)));
+        assert_eq!(
+            fast_flops(&cost, &noising, 10, (0, 2), 1),
+            fast_flops(&cost, &rome, 10, (0, 2), 1)
+        );
         let (two, one) =
             (naive_flops(&cost, &noising, 10, (0, 2)), naive_flops(&cost, &rome, 10, (0, 2)));
         assert!(two > 1.9 * one && two < 2.0 * one, "{two} vs {one}");
+    }
+
+    /// Batching every token together computes each row from the first traced token: more
+    /// work than one token at a time, less than the naive path, and the same for one token.
+    #[test]
+    fn grouping_tokens_costs_the_padding() {
+        let raw: crate::models::gpt2::RawConfig = serde_json::from_str("{}").expect("defaults");
+        let cost = ModelCost::of(&ModelConfig::Gpt2(raw.into_config("test").expect("config")));
+        let exp = Experiment::rome();
+        let one = fast_flops(&cost, &exp, 10, (0, 2), 1);
+        let all = fast_flops(&cost, &exp, 10, (0, 2), usize::MAX);
+        let pairs = fast_flops(&cost, &exp, 10, (0, 2), 2);
+        assert!(one < pairs && pairs < all, "{one} {pairs} {all}");
+        assert!(all < naive_flops(&cost, &exp, 10, (0, 2)), "{all}");
+        // A subject at the prompt's end leaves one traced token to restore: nothing to pad.
+        let last = fast_flops(&cost, &exp, 10, (9, 10), usize::MAX);
+        assert_eq!(last, fast_flops(&cost, &exp, 10, (9, 10), 1));
     }
 }

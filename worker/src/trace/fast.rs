@@ -20,6 +20,12 @@
 //!   the batch grows layer by layer and no row computes a layer it would not change.
 //!   `max_batch_tokens` bounds its size. So a fact takes about T × L batched layer calls,
 //!   not T × kinds × L (`trace-bench` reports the count).
+//! - `tokens_per_batch` > 1 batches the cells of several tokens together: every row then
+//!   computes the tokens from the group's earliest restored one, those before its own token
+//!   copied from its base run and recomputed unchanged (attention is causal, so a cell
+//!   changes nothing before its token). That is more FLOPs for fewer, larger layer calls:
+//!   about L per fact when all tokens share a batch, which is what a GPU, bound by launches
+//!   rather than arithmetic on small models, wants. A CPU keeps one token per batch.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -84,19 +90,39 @@ struct Base {
 impl Base {
     /// The stream entering `layer` at tokens `t..T`.
     fn entering(&self, layer: usize, t: usize, t_len: usize) -> Result<Tensor> {
-        Ok(self.entering[layer].narrow(1, t - self.from, t_len - t)?)
+        self.entering_span(layer, t, t_len - t)
+    }
+
+    /// The stream entering `layer` at tokens `t..t + len`.
+    fn entering_span(&self, layer: usize, t: usize, len: usize) -> Result<Tensor> {
+        let at = t.checked_sub(self.from).ok_or_else(|| {
+            Error::Request(format!("token {t} is before the base run's first token {}", self.from))
+        })?;
+        Ok(self.entering[layer].narrow(1, at, len)?)
     }
 }
 
-/// One restored cell in a batched suffix run.
+/// A cell's runs at its token: its own base run, and the run whose tokens before the cell's
+/// it shares (the same run, except for the severed kinds' trunks: their measured run).
+#[derive(Clone, Copy)]
+struct Bases<'a> {
+    token: usize,
+    kind: Kind,
+    own: &'a Base,
+    before: &'a Base,
+}
+
+/// One restored cell in a batched suffix run that starts at token `start ≤ t`.
 struct Entry {
     kind: Kind,
     cell: Cell,
-    /// Its base run: an index into the token's bases.
+    /// Its base run: an index into the batch's bases.
     base: usize,
     /// The first layer whose computation it changes.
     join: usize,
-    /// The residual stream entering `join` at tokens `t..T`, `(S, T - t, d)`.
+    /// The residual stream entering `join` at tokens `start..T`, `(S, T - start, d)`: the
+    /// base run's tokens `start..t` (which the cell does not change: attention is causal)
+    /// then the cell's own.
     hidden: Tensor,
     /// Overwrites at token t in layers ≥ `join`: `(site, values)` with values `(1, 1, w)`
     /// (a clean state, the same for every sample) or `(S, 1, w)` (a frozen state).
@@ -192,27 +218,29 @@ pub fn trace(
             frozen: &frozen,
         };
         tables = e.kinds.iter().map(|&k| (k, MetricTables::new(k, t_len, g))).collect();
-        for &t in &prep.traced_tokens {
-            // Each kind's base run at token t: the severed kinds' trunk (their own frozen
+        let per_batch = opts.tokens_per_batch.max(1);
+        for group in prep.traced_tokens.chunks(per_batch) {
+            // Each kind's base run at each token: the severed kinds' trunk (their own frozen
             // states held from layer 0) or measured run, the corrupted or clean run otherwise.
             let mut trunks = BTreeMap::new();
-            if let Some(measured) = measured.as_ref().filter(|_| t >= b) {
-                for &kind in e.kinds.iter().filter(|k| k.freezes().is_some()) {
-                    trunks.insert(kind, job.trunk(kind, t, measured)?);
+            for &t in group {
+                if let Some(measured) = measured.as_ref().filter(|_| t >= b) {
+                    for &kind in e.kinds.iter().filter(|k| k.freezes().is_some()) {
+                        trunks.insert((t, kind), job.trunk(kind, t, measured)?);
+                    }
                 }
             }
-            let bases: Vec<(Kind, &Base)> = e
-                .kinds
-                .iter()
-                .map(|&kind| {
-                    let own = match (kind.freezes(), &measured) {
-                        (Some(_), Some(measured)) => trunks.get(&kind).unwrap_or(measured),
-                        _ => base,
+            let mut bases = Vec::new();
+            for &t in group {
+                for &kind in &e.kinds {
+                    let (own, before) = match (kind.freezes(), &measured) {
+                        (Some(_), Some(m)) => (trunks.get(&(t, kind)).unwrap_or(m), m),
+                        _ => (base, base),
                     };
-                    (kind, own)
-                })
-                .collect();
-            job.token(t, &bases, &mut tables)?;
+                    bases.push(Bases { token: t, kind, own, before });
+                }
+            }
+            job.tokens(&bases, &mut tables)?;
         }
     }
     prep.finish(tokenizer, outcome, runs, corruption, tables)
@@ -328,36 +356,40 @@ impl Job<'_> {
         })
     }
 
-    /// Every asked cell of every kind at token `t` into `tables`, the kinds' cells batched
-    /// together: `bases` holds each kind's base run.
-    fn token(
-        &self,
-        t: usize,
-        bases: &[(Kind, &Base)],
-        tables: &mut BTreeMap<Kind, MetricTables>,
-    ) -> Result<()> {
+    /// Every asked cell of every kind at the tokens of `bases` into `tables`, all batched
+    /// together: `bases` holds each (token, kind)'s base runs. Every row computes the tokens
+    /// from the earliest restored one on, so one token alone wastes nothing, and several
+    /// share their layer calls at the price of recomputing, unchanged, the tokens between.
+    fn tokens(&self, bases: &[Bases<'_>], tables: &mut BTreeMap<Kind, MetricTables>) -> Result<()> {
         let g = geometry(self.model);
-        let mut entries = Vec::new();
-        for (i, &(kind, base)) in bases.iter().enumerate() {
+        let mut runs = Vec::new();
+        for (i, at) in bases.iter().enumerate() {
             let table = tables
-                .get_mut(&kind)
-                .ok_or_else(|| Error::Request(format!("no table for {kind:?}")))?;
-            for (layer, head) in kind.layer_heads(g) {
+                .get_mut(&at.kind)
+                .ok_or_else(|| Error::Request(format!("no table for {:?}", at.kind)))?;
+            for (layer, head) in at.kind.layer_heads(g) {
                 if !self.opts.wants_layer(layer) {
                     continue;
                 }
-                let cell = Cell { token: t, layer, head };
-                match kind.plan(cell, self.subject, self.t_len, self.window, g.n_layers) {
-                    Plan::NoOp => table.set(cell, &base.score),
-                    Plan::Run { join } => entries.push(self.entry(kind, cell, join, i, base)?),
+                let cell = Cell { token: at.token, layer, head };
+                match at.kind.plan(cell, self.subject, self.t_len, self.window, g.n_layers) {
+                    Plan::NoOp => table.set(cell, &at.own.score),
+                    Plan::Run { join } => runs.push((i, cell, join)),
                 }
             }
         }
+        let Some(start) = runs.iter().map(|(_, cell, _)| cell.token).min() else {
+            return Ok(());
+        };
+        let mut entries = Vec::with_capacity(runs.len());
+        for (i, cell, join) in runs {
+            entries.push(self.entry(cell, join, i, &bases[i], start)?);
+        }
         entries.sort_by_key(|e| e.join);
-        let per_chunk = (self.opts.max_batch_tokens / (self.samples * (self.t_len - t))).max(1);
-        let bases: Vec<&Base> = bases.iter().map(|&(_, base)| base).collect();
+        let per_chunk = (self.opts.max_batch_tokens / (self.samples * (self.t_len - start))).max(1);
+        let own: Vec<&Base> = bases.iter().map(|at| at.own).collect();
         for chunk in entries.chunks(per_chunk) {
-            let scores = self.run_batch(t, chunk, &bases)?;
+            let scores = self.run_batch(start, chunk, &own)?;
             for (entry, score) in chunk.iter().zip(scores) {
                 if let Some(table) = tables.get_mut(&entry.kind) {
                     table.set(entry.cell, &score);
@@ -369,28 +401,28 @@ impl Job<'_> {
 
     /// A restored cell: the base run's stream entering `join` (one copy per sample), with
     /// the cell's written block output (if it is the one just below `join`) at token t, and
-    /// every other written or frozen state at layers ≥ `join` as a patch.
+    /// every other written or frozen state at layers ≥ `join` as a patch; preceded by the
+    /// stream at tokens `start..t`, which the cell does not change.
     fn entry(
         &self,
-        kind: Kind,
         cell: Cell,
         join: usize,
         base_index: usize,
-        base: &Base,
+        at: &Bases<'_>,
+        start: usize,
     ) -> Result<Entry> {
-        let (t, n_layers) = (cell.token, self.model.dims().n_layers);
-        let mut hidden = base.entering(join, t, self.t_len)?;
-        if base.rows != self.samples {
-            let (_, len, d) = hidden.dims3()?;
-            hidden = hidden.broadcast_as((self.samples, len, d))?.contiguous()?;
-        }
+        let (t, n_layers, kind) = (cell.token, self.model.dims().n_layers, at.kind);
+        let mut hidden = at.own.entering(join, t, self.t_len)?;
         let mut patches = Vec::new();
         for state in kind.restored(cell, self.window, n_layers) {
             let value = self.source.at(state, t)?;
             if join.checked_sub(1).map(State::Block) == Some(state) {
-                let first = value.broadcast_as((self.samples, 1, value.dim(2)?))?;
+                let rows = hidden.dim(0)?.max(value.dim(0)?);
+                let first = value.broadcast_as((rows, 1, value.dim(2)?))?;
                 hidden = if t + 1 < self.t_len {
-                    Tensor::cat(&[&first, &hidden.narrow(1, 1, self.t_len - t - 1)?], 1)?
+                    let rest = hidden.narrow(1, 1, self.t_len - t - 1)?;
+                    let (_, len, d) = rest.dims3()?;
+                    Tensor::cat(&[&first, &rest.broadcast_as((rows, len, d))?], 1)?
                 } else {
                     first.contiguous()?
                 };
@@ -398,12 +430,32 @@ impl Job<'_> {
                 patches.push((Site::from(state), value));
             }
         }
+        if start < t {
+            let before = at.before.entering_span(join, start, t - start)?;
+            let rows = hidden.dim(0)?.max(before.dim(0)?);
+            let (_, len, d) = before.dims3()?;
+            let (_, rest, _) = hidden.dims3()?;
+            hidden = Tensor::cat(
+                &[&before.broadcast_as((rows, len, d))?, &hidden.broadcast_as((rows, rest, d))?],
+                1,
+            )?;
+        }
+        if hidden.dim(0)? != self.samples {
+            let (_, len, d) = hidden.dims3()?;
+            hidden = hidden.broadcast_as((self.samples, len, d))?;
+        }
+        let hidden = hidden.contiguous()?;
         patches.extend(self.frozen_patches(kind, t, join)?);
         Ok(Entry { kind, cell, base: base_index, join, hidden, patches })
     }
 
-    /// Runs the entries of one token together and returns each one's metrics.
-    fn run_batch(&self, t: usize, entries: &[Entry], bases: &[&Base]) -> Result<Vec<MetricValues>> {
+    /// Runs entries together from token `start` on and returns each one's metrics.
+    fn run_batch(
+        &self,
+        start: usize,
+        entries: &[Entry],
+        bases: &[&Base],
+    ) -> Result<Vec<MetricValues>> {
         let (model, samples) = (self.model, self.samples);
         let n_layers = model.dims().n_layers;
         let first = entries.first().map_or(n_layers, |e| e.join);
@@ -412,13 +464,13 @@ impl Job<'_> {
         for layer in first..n_layers {
             joined += join(&mut xs, entries, joined, layer)?;
             let Some(current) = xs.take() else { continue };
-            let past = match t {
+            let past = match start {
                 0 => None,
-                _ => Some(stack_past(&entries[..joined], bases, layer, t, samples)?),
+                _ => Some(stack_past(&entries[..joined], bases, layer, start, samples)?),
             };
-            let patches = layer_patches(entries, joined, layer, samples, t)?;
+            let patches = layer_patches(entries, joined, layer, samples)?;
             let iv = Interventions { patches, ..Interventions::none() };
-            xs = Some(model.run_layer(layer, current, t, past.as_ref(), &iv)?.0);
+            xs = Some(model.run_layer(layer, current, start, past.as_ref(), &iv)?.0);
         }
         // Cells that change nothing below the head (the last layer's output) join last.
         joined += join(&mut xs, entries, joined, n_layers)?;
@@ -428,19 +480,18 @@ impl Job<'_> {
     }
 }
 
-/// The patches of the first `joined` entries at `layer`, one per site: each entry's S rows
-/// take its values (a clean state is broadcast over the samples).
+/// The patches of the first `joined` entries at `layer`, one per site and token: each
+/// entry's S rows take its values (a clean state is broadcast over the samples) at its token.
 fn layer_patches(
     entries: &[Entry],
     joined: usize,
     layer: usize,
     samples: usize,
-    t: usize,
 ) -> Result<Vec<Patch>> {
-    let mut by_site: BTreeMap<Site, (Vec<usize>, Vec<Tensor>)> = BTreeMap::new();
+    let mut by_site: BTreeMap<(Site, usize), (Vec<usize>, Vec<Tensor>)> = BTreeMap::new();
     for (i, entry) in entries[..joined].iter().enumerate() {
         for (site, values) in entry.patches.iter().filter(|(s, _)| s.layer() == Some(layer)) {
-            let (rows, parts) = by_site.entry(*site).or_default();
+            let (rows, parts) = by_site.entry((*site, entry.cell.token)).or_default();
             rows.extend(i * samples..(i + 1) * samples);
             let (_, _, w) = values.dims3()?;
             parts.push(values.broadcast_as((samples, 1, w))?);
@@ -448,7 +499,7 @@ fn layer_patches(
     }
     by_site
         .into_iter()
-        .map(|(site, (rows, parts))| {
+        .map(|((site, t), (rows, parts))| {
             let values = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)?;
             Ok(Patch { site, rows, tokens: vec![t], values })
         })
@@ -471,9 +522,9 @@ fn join(xs: &mut Option<Tensor>, entries: &[Entry], joined: usize, layer: usize)
     Ok(joining.len())
 }
 
-/// The keys and values of tokens `< t` at `layer` for the rows of `entries`: each entry's S
-/// rows take its base run's (a clean base's one row serves every sample). Consecutive
-/// entries on the same base share one repeat.
+/// The keys and values of tokens `< t` (the batch's first computed token) at `layer` for the
+/// rows of `entries`: each entry's S rows take its base run's (a clean base's one row serves
+/// every sample). Consecutive entries on the same base share one repeat.
 fn stack_past(
     entries: &[Entry],
     bases: &[&Base],

@@ -68,6 +68,9 @@ pub enum Path {
 pub struct TraceOptions {
     /// Fast path memory bound: at most this many (row × token) states in one batched forward.
     pub max_batch_tokens: usize,
+    /// Fast path: how many traced tokens' cells share a batched forward (see
+    /// [`fast`]'s module docs): 1 wastes no FLOPs, more make fewer, larger layer calls.
+    pub tokens_per_batch: usize,
     /// Compute only these layers' cells (a sweep job's share of the fact); the others stay
     /// NaN. `None`: every layer.
     pub layers: Option<Range<usize>>,
@@ -75,11 +78,36 @@ pub struct TraceOptions {
 
 impl Default for TraceOptions {
     fn default() -> Self {
-        Self { max_batch_tokens: 8192, layers: None }
+        Self { max_batch_tokens: 8192, tokens_per_batch: 1, layers: None }
     }
 }
 
+/// Batches of a GPU: large enough that one layer call's kernels outlast their launches
+/// (SmolLM2's whole fact, ~60k states, is a few hundred MB of activations), small enough
+/// for a GPT-2 XL-sized model's MLP activations (~6 GB) on a 40 GB card.
+const GPU_MAX_BATCH_TOKENS: usize = 1 << 17;
+
 impl TraceOptions {
+    /// The batching a device runs best, unless given: on a CPU one token's cells at a time
+    /// in batches of at most 8192 states (no padded work, bounded memory); on a GPU every
+    /// traced token of a fact together in batches of up to 131,072 states (a GPU's time on
+    /// these models goes to kernel launches, not arithmetic: docs/performance.md).
+    pub fn for_device(
+        device: &candle_core::Device,
+        max_batch_tokens: Option<usize>,
+        tokens_per_batch: Option<usize>,
+    ) -> Self {
+        let (batch, tokens) = match device.is_cpu() {
+            true => (8192, 1),
+            false => (GPU_MAX_BATCH_TOKENS, usize::MAX),
+        };
+        Self {
+            max_batch_tokens: max_batch_tokens.unwrap_or(batch).max(1),
+            tokens_per_batch: tokens_per_batch.unwrap_or(tokens).max(1),
+            layers: None,
+        }
+    }
+
     /// Whether the cells of `layer` are asked for.
     pub fn wants_layer(&self, layer: usize) -> bool {
         self.layers.as_ref().is_none_or(|r| r.contains(&layer))

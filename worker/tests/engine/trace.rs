@@ -104,8 +104,13 @@ const OWNED: FactInput<'static> = FactInput {
     candidates: &[],
 };
 
-/// Traces `OWNED` both ways for every case on every tiny family and hands `check` the name,
-/// the naive and fast traces, and the family's heads.
+/// The fast path's token batchings: one token at a time (a CPU's), every token together (a
+/// GPU's), and groups of three, whose later groups start past the subject.
+const TOKEN_BATCHES: [usize; 3] = [1, usize::MAX, 3];
+
+/// Traces `OWNED` both ways for every case on every tiny family, the fast way with every
+/// token batching, and hands `check` the name, the naive and fast traces, and the family's
+/// heads.
 fn on_tiny_models(cases: &[(&str, Resolved)], check: impl Fn(&str, &FactTrace, &FactTrace, usize)) {
     let opts = TraceOptions::default();
     for name in TINY {
@@ -113,12 +118,15 @@ fn on_tiny_models(cases: &[(&str, Resolved)], check: impl Fn(&str, &FactTrace, &
         let tok = loaded.tokenizer().expect("tokenizer");
         let heads = loaded.model.dims().n_heads;
         for (case, exp) in cases {
-            let what = format!("{name}/{case}");
             let naive =
                 trace_fact(&loaded.model, tok, &OWNED, exp, &opts, Path::Naive).expect("naive");
-            let fast =
-                trace_fact(&loaded.model, tok, &OWNED, exp, &opts, Path::Fast).expect("fast");
-            check(&what, &naive, &fast, heads);
+            for tokens_per_batch in TOKEN_BATCHES {
+                let what = format!("{name}/{case}/{tokens_per_batch} tokens per batch");
+                let batched = TraceOptions { tokens_per_batch, ..TraceOptions::default() };
+                let fast = trace_fact(&loaded.model, tok, &OWNED, exp, &batched, Path::Fast)
+                    .expect("fast");
+                check(&what, &naive, &fast, heads);
+            }
         }
     }
 }
@@ -264,9 +272,44 @@ fn batch_bound_does_not_change_scores() {
     let exp = experiment(&Kind::ALL, 1.0, Distribution::Normal, false, SeedMode::Rome);
     let big = trace_fact(&loaded.model, tok, &fact, &exp, &TraceOptions::default(), Path::Fast)
         .expect("fast");
-    let small = TraceOptions { max_batch_tokens: 1, layers: None };
+    let small = TraceOptions { max_batch_tokens: 1, ..TraceOptions::default() };
     let small = trace_fact(&loaded.model, tok, &fact, &exp, &small, Path::Fast).expect("fast");
     assert_same("batch bound", &big, &small);
+    // Every token in one batch, cut into batches of one cell.
+    let tiny_all = TraceOptions { max_batch_tokens: 1, tokens_per_batch: usize::MAX, layers: None };
+    let tiny_all =
+        trace_fact(&loaded.model, tok, &fact, &exp, &tiny_all, Path::Fast).expect("fast");
+    assert_same("one cell per batch, all tokens", &big, &tiny_all);
+}
+
+/// Batching every token of a fact together takes one pass over the layers for all restored
+/// cells (ROME's three kinds), besides the clean and corrupted runs: about L layer calls
+/// where one token at a time takes about T × L.
+#[test]
+fn all_tokens_in_one_batch_take_one_pass_over_the_layers() {
+    let loaded = tiny("llama");
+    let tok = loaded.tokenizer().expect("tokenizer");
+    let n_layers = loaded.model.dims().n_layers as u64;
+    let exp = experiment(
+        &[Kind::Hidden, Kind::Mlp, Kind::Attn],
+        1.0,
+        Distribution::Normal,
+        false,
+        SeedMode::Rome,
+    );
+    let calls = |opts: &TraceOptions| {
+        let before = worker::forward::layer_calls();
+        let trace = trace_fact(&loaded.model, tok, &OWNED, &exp, opts, Path::Fast).expect("fast");
+        (worker::forward::layer_calls() - before, trace)
+    };
+    let (one, by_token) = calls(&TraceOptions::default());
+    let all =
+        TraceOptions { max_batch_tokens: 1 << 20, tokens_per_batch: usize::MAX, layers: None };
+    let (together, all_tokens) = calls(&all);
+    assert_same("all tokens together", &by_token, &all_tokens);
+    let traced = (by_token.tokens.len() - by_token.subject_range.0) as u64;
+    assert!(together <= 3 * n_layers, "{together} layer calls, L = {n_layers}");
+    assert!(one >= traced * n_layers, "{one} layer calls one token at a time, {traced} tokens");
 }
 
 /// A token selector computes exactly those rows, with the numbers of the full trace, and a
