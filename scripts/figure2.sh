@@ -5,7 +5,7 @@
 # CPU cores. Resumable: run it again after any interruption and it continues where it stopped.
 #
 #   scripts/figure2.sh [FIGURES_DIR]   (default: docs/figure2)
-#   CT_KNOWNS=FILE          known_1000.json (default: ../shared/data/known_1000.json)
+#   CT_KNOWNS=FILE          known_1000.json (default: scripts/fetch-knowns.sh finds or fetches it)
 #   CT_FIGURE2_FACTS=N      only the first N facts (default: all 1209)
 #   CT_FIGURE2_DEVICE=cuda  the workers' device (default: cpu; cuda needs a worker built
 #                           with --features cuda, see deploy/docker/Dockerfile.worker-cuda)
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/causal-trace/target}"
-knowns="${CT_KNOWNS:-../shared/data/known_1000.json}"
+knowns=$(scripts/fetch-knowns.sh)
 device="${CT_FIGURE2_DEVICE:-cpu}"
 workers="${CT_FIGURE2_WORKERS:-2}"
 sweeps="${CT_FIGURE2_OUT:-${CT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/causal-trace}/figure2}"

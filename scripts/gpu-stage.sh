@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu
-cp ../shared/data/known_1000.json .gpu/known_1000.json
+cp "$(scripts/fetch-knowns.sh)" .gpu/known_1000.json
 rm -rf .gpu/vocab && cp -r "$(scripts/fetch-gpt2-vocab.sh)" .gpu/vocab
 rm -f .gpu/smollm2.gguf.part-*
 split -b 44M "$(scripts/fetch-model.sh)" .gpu/smollm2.gguf.part-

@@ -25,7 +25,11 @@ pub fn knowns_path() -> PathBuf {
     let path = std::env::var("CT_KNOWNS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo_root().join("../shared/data/known_1000.json"));
-    assert!(path.is_file(), "{} is missing: set CT_KNOWNS", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: set CT_KNOWNS to known_1000.json (scripts/fetch-knowns.sh finds or fetches it)",
+        path.display()
+    );
     path
 }
 

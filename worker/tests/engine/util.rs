@@ -75,7 +75,7 @@ pub fn knowns_path() -> PathBuf {
         .unwrap_or_else(|_| repo_root().join("../shared/data/known_1000.json"));
     assert!(
         path.is_file(),
-        "{} is missing: set CT_KNOWNS to known_1000.json (see README)",
+        "{} is missing: set CT_KNOWNS to known_1000.json (scripts/fetch-knowns.sh finds or fetches it)",
         path.display()
     );
     path
