@@ -106,12 +106,23 @@ impl Proc {
         dir: &Path,
         tag: &str,
     ) -> Self {
+        let mut with_log = vec![("RUST_LOG", "info")];
+        with_log.extend(env.iter().copied());
+        Self::spawn(bin, args, &with_log, dir, tag)
+    }
+
+    /// `start` as a user runs it: no `RUST_LOG`, so the binary's own default applies.
+    pub fn start_default_log(bin: &Path, args: &[String], dir: &Path, tag: &str) -> Self {
+        Self::spawn(bin, args, &[], dir, tag)
+    }
+
+    fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)], dir: &Path, tag: &str) -> Self {
         let log = dir.join(format!("{tag}.err"));
         let out = dir.join(format!("{tag}.out"));
         let child = Command::new(bin)
             .args(args)
+            .env_remove("RUST_LOG")
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("stderr file"))

@@ -107,6 +107,29 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
             format!("{host}-{}", std::process::id())
         });
+        let batching = TraceOptions::for_device(
+            loaded.model.device(),
+            args.max_batch_tokens,
+            args.tokens_per_batch,
+        );
+        tracing::info!(
+            name = name.as_str(),
+            model = %args.model,
+            family = capabilities.family.as_str(),
+            layers = dims.n_layers,
+            device = args.device.as_str(),
+            dtype = args.dtype.as_str(),
+            threads = capabilities.threads,
+            max_batch_tokens = batching.max_batch_tokens,
+            "worker {name} ready: {} ({}, {} layers) on {} in {}, {} threads; serving {}",
+            args.model,
+            capabilities.family,
+            dims.n_layers,
+            args.device,
+            args.dtype,
+            capabilities.threads,
+            args.coordinator
+        );
         let opts = ServeOptions {
             coordinator,
             token,
@@ -115,11 +138,7 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             capabilities,
             grace: Duration::from_secs_f64(args.grace_secs.max(0.0)),
             give_up: Duration::from_secs_f64(args.give_up_secs.max(0.0)),
-            batching: TraceOptions::for_device(
-                loaded.model.device(),
-                args.max_batch_tokens,
-                args.tokens_per_batch,
-            ),
+            batching,
             job_delay: Duration::from_millis(args.job_delay_ms),
         };
         serve(Arc::new(loaded), opts).await

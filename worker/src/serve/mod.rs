@@ -331,7 +331,19 @@ async fn run_job(
     let model = loaded.clone();
     let (batching, delay) = (opts.batching.clone(), opts.job_delay);
     // The fault-injection tests read this line to know a job is in flight.
-    tracing::info!(job = job.job_id, lease = job.lease_id, "computing");
+    let what = match &work {
+        proto::job::Work::Calibration(c) => {
+            format!("noise calibration over {} subjects", c.subjects.len())
+        }
+        proto::job::Work::Trace(t) => match &t.fact {
+            Some(f) => format!(
+                "fact {} ({:?}), layers {}..{}",
+                f.known_id, f.subject, t.layer_start, t.layer_end
+            ),
+            None => "a trace without a fact".into(),
+        },
+    };
+    tracing::info!(job = job.job_id, lease = job.lease_id, "computing: {what}");
     let mut task = tokio::task::spawn_blocking(move || {
         // Holding the job (tests only) keeps it in flight long enough to kill a process
         // while it is; heartbeats go on meanwhile, as for a slow job.
