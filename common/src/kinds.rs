@@ -175,7 +175,7 @@ const HIDDEN: Info = Info {
     freezes: None,
     style: Style {
         palette: Palette::Purples,
-        what: "h_i^(l)",
+        what: "hᵢ⁽ˡ⁾",
         panel: "single hidden vector",
         x_label: "single patched layer within {model}",
     },
@@ -211,7 +211,7 @@ const SEVERED_MLP: Info = Info {
     freezes: Some(Sublayer::Mlp),
     style: Style {
         palette: Palette::Greens,
-        what: "h_i^(l) with MLP severed",
+        what: "hᵢ⁽ˡ⁾ with MLP severed",
         panel: "single hidden vector, MLP severed",
         x_label: "single patched layer within {model}, MLP at the token frozen",
     },
@@ -223,7 +223,7 @@ const SEVERED_ATTN: Info = Info {
     freezes: Some(Sublayer::Attn),
     style: Style {
         palette: Palette::Reds,
-        what: "h_i^(l) with Attn severed",
+        what: "hᵢ⁽ˡ⁾ with Attn severed",
         panel: "single hidden vector, Attn severed",
         x_label: "single patched layer within {model}, Attn at the token frozen",
     },

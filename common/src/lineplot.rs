@@ -159,7 +159,7 @@ fn draw<DB: DrawingBackend>(
                 .position(SeriesLabelPosition::UpperRight)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.3))
-                .label_font(("sans-serif", 12))
+                .label_font(("sans-serif", 14))
                 .draw()
                 .map_err(e)?;
         }
