@@ -59,15 +59,26 @@ CREATE OR REPLACE MACRO better() AS
   CASE WHEN metric_name() = 'kl' AND scale_name() = 'raw' THEN -1 ELSE 1 END;
 -- Tables of schema < 4 lack the metric columns: null there, refused below for any metric
 -- but prob.
+-- Only the files a journal commit names: a flush writes its Parquet files before its commit
+-- (`_journal/<seq>.json`), so a sweep read while it runs, or after a crash, can hold files
+-- no commit names yet (a restarted coordinator deletes them). Reading these lists instead of
+-- globbing the folders shows exactly the committed rows, each once.
+SET VARIABLE committed = (
+  SELECT list(getvariable('results') || '/' || f ORDER BY f)
+  FROM (SELECT unnest(files) AS f
+        FROM read_json(getvariable('results') || '/_journal/*.json',
+                       columns = {files: 'VARCHAR[]'})));
+SET VARIABLE committed_facts = list_filter(getvariable('committed'), lambda f: f LIKE '%/facts/%');
+SET VARIABLE committed_traces = list_filter(getvariable('committed'), lambda f: f LIKE '%/traces/%');
 CREATE OR REPLACE VIEW facts AS
-  SELECT * FROM read_parquet(getvariable('results') || '/facts/*.parquet')
+  SELECT * FROM read_parquet(getvariable('committed_facts'))
   UNION ALL BY NAME
   SELECT NULL::DOUBLE AS clean_logprob, NULL::DOUBLE AS clean_logit_diff,
          NULL::DOUBLE AS clean_kl, NULL::DOUBLE AS corrupted_logprob,
          NULL::DOUBLE AS corrupted_logit_diff, NULL::DOUBLE AS corrupted_kl
   WHERE false;
 CREATE OR REPLACE VIEW traces AS
-  SELECT * FROM read_parquet(getvariable('results') || '/traces/**/*.parquet', hive_partitioning = true)
+  SELECT * FROM read_parquet(getvariable('committed_traces'), hive_partitioning = true)
   UNION ALL BY NAME
   SELECT NULL::FLOAT AS logprob, NULL::FLOAT AS logit_diff, NULL::FLOAT AS kl WHERE false;
 -- The traced facts the facts rule keeps, with the metric's clean and corrupted values (prob's

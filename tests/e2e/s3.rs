@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use e2e::{Proc, args, bin, free_port, knowns_path, smollm2_path, wait_until};
+use e2e::{Proc, args, bin, duckdb_cli, free_port, knowns_path, smollm2_path, wait_until};
 use object_store::ObjectStoreExt;
 
 const BUCKET: &str = "causal-trace";
@@ -222,5 +222,46 @@ fn a_sweep_in_s3_equals_the_same_sweep_on_disk() {
     for (a, b) in s3_rows.iter().zip(&local_rows) {
         assert_eq!((&a.0, a.3), (&b.0, b.3), "same cells, same counts");
         assert!((a.1 - b.1).abs() <= 1e-9 && (a.2 - b.2).abs() <= 1e-9, "{a:?} vs {b:?}");
+    }
+
+    // The DuckDB shell reads the sweep straight from S3 (httpfs, pinned and loaded from its
+    // file) and from the folder, with the same numbers.
+    let secret = format!(
+        "CREATE SECRET (TYPE s3, KEY_ID '{KEY_ID}', SECRET '{SECRET}', REGION 'us-east-1', \
+         ENDPOINT '127.0.0.1:{}', URL_STYLE 'path', USE_SSL false)",
+        s3.port
+    );
+    let ate = |results: &str, extra: &[&str]| {
+        let mut a = args(extra);
+        a.extend(args(&["-cmd", &format!("SET VARIABLE results = '{results}'")]));
+        a.extend(args(&["-c", ".read queries/ate.sql"]));
+        duckdb_cli(&a)
+    };
+    let over_s3 = ate(&format!("s3://{BUCKET}/sweeps/{id}"), &["-cmd", &secret]);
+    let over_folder = ate(results.to_str().expect("utf8"), &[]);
+    assert_eq!(over_s3.as_array().map(Vec::len), Some(2), "hidden and mlp: {over_s3}");
+    same_rows(&over_s3, &over_folder, 1e-9);
+
+    // A file no commit names (a flush that crashed before its commit, or one in progress) is
+    // not read: the answer stays the same.
+    let kind = results.join("traces/kind=hidden");
+    let first = kind.read_dir().expect("traces").next().expect("a file").expect("entry").path();
+    std::fs::copy(&first, kind.join("part-99999999.parquet")).expect("copy");
+    same_rows(&ate(results.to_str().expect("utf8"), &[]), &over_folder, 0.0);
+}
+
+/// Two query results with the same rows, numbers within `tolerance`.
+fn same_rows(a: &serde_json::Value, b: &serde_json::Value, tolerance: f64) {
+    let (ra, rb) = (a.as_array().expect("rows"), b.as_array().expect("rows"));
+    assert_eq!(ra.len(), rb.len(), "{a} vs {b}");
+    for (x, y) in ra.iter().zip(rb) {
+        let (x, y) = (x.as_object().expect("row"), y.as_object().expect("row"));
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+        for (k, v) in x {
+            match (v.as_f64(), y[k].as_f64()) {
+                (Some(p), Some(q)) => assert!((p - q).abs() <= tolerance, "{k}: {p} vs {q}"),
+                _ => assert_eq!(v, &y[k], "{k}"),
+            }
+        }
     }
 }

@@ -376,6 +376,26 @@ pub fn aggregate(dir: &Path, out: &Path, extra: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs the DuckDB shell that scripts/fetch-duckdb-cli.sh fetched (`CT_DUCKDB_CLI`: the
+/// folder of its wrapper) in the repository root with `-json` and `args`; returns its rows.
+pub fn duckdb_cli(args: &[String]) -> serde_json::Value {
+    let dir = std::env::var("CT_DUCKDB_CLI")
+        .expect("CT_DUCKDB_CLI: run scripts/test.sh (it fetches the shell with scripts/fetch-duckdb-cli.sh)");
+    let output = Command::new(Path::new(&dir).join("duckdb"))
+        .current_dir(repo_root())
+        .arg("-json")
+        .args(args)
+        .output()
+        .expect("the duckdb shell runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && !stdout.contains("Error"),
+        "duckdb {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("duckdb printed {stdout:?}: {e}"))
+}
+
 /// Runs `queries/<name>.sql` over the sweep folder `dir` through DuckDB (tools/duckdb_queries.py
 /// with the package scripts/fetch-duckdb.sh fetched), with `facts` = `correct` or `all`;
 /// returns `{name: [rows]}`.
