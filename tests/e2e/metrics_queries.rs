@@ -177,19 +177,26 @@ fn write(path: &Path, bytes: Bytes) {
 fn write_sweep(dir: &Path, schema: u32) {
     let mut rng = StdRng::seed_from_u64(20_240_917);
     let facts: Vec<FactRow> = FACTS.iter().map(|f| fact_row(&mut rng, f)).collect();
+    let mut files = Vec::new();
     // Two commits' worth of facts files, as a sweep flushed twice has.
     for (part, chunk) in facts.chunks(4).enumerate() {
         let batch = as_of!(schema, facts_batch(chunk).expect("facts"));
         let name = format!("facts/part-{:08}.parquet", part + 1);
-        write(&dir.join(name), write_parquet(&batch, "facts").expect("parquet"));
+        write(&dir.join(&name), write_parquet(&batch, "facts").expect("parquet"));
+        files.push(name);
     }
     for kind in KINDS {
         let rows: Vec<TraceRow> =
             facts.iter().filter(|f| f.traced).flat_map(|f| trace_rows(&mut rng, f, kind)).collect();
         let batch = as_of!(schema, traces_batch(&rows).expect("traces"));
         let name = format!("traces/kind={kind}/part-00000001.parquet");
-        write(&dir.join(name), write_parquet(&batch, "traces").expect("parquet"));
+        write(&dir.join(&name), write_parquet(&batch, "traces").expect("parquet"));
+        files.push(name);
     }
+    // The journal record that commits them (the queries read only committed files).
+    let commit = serde_json::json!({"seq": 1, "jobs": [], "files": files});
+    let text = serde_json::to_vec_pretty(&commit).expect("json");
+    write(&dir.join("_journal/00000001.json"), Bytes::from(text));
     let settings = SweepSettings {
         schema,
         dataset_digest: "synthetic".into(),
