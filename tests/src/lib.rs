@@ -377,7 +377,9 @@ pub fn aggregate(dir: &Path, out: &Path, extra: &[&str]) -> String {
 }
 
 /// Runs the DuckDB shell that scripts/fetch-duckdb-cli.sh fetched (`CT_DUCKDB_CLI`: the
-/// folder of its wrapper) in the repository root with `-json` and `args`; returns its rows.
+/// folder of its wrapper) in the repository root with `-json` and `args`; returns the rows of
+/// the last statement (each statement that returns something, `CREATE SECRET` too, prints
+/// its own JSON array).
 pub fn duckdb_cli(args: &[String]) -> serde_json::Value {
     let dir = std::env::var("CT_DUCKDB_CLI")
         .expect("CT_DUCKDB_CLI: run scripts/test.sh (it fetches the shell with scripts/fetch-duckdb-cli.sh)");
@@ -393,7 +395,11 @@ pub fn duckdb_cli(args: &[String]) -> serde_json::Value {
         "duckdb {args:?}: {stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("duckdb printed {stdout:?}: {e}"))
+    let mut last = None;
+    for value in serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>() {
+        last = Some(value.unwrap_or_else(|e| panic!("duckdb printed {stdout:?}: {e}")));
+    }
+    last.unwrap_or_else(|| panic!("duckdb printed no rows: {stdout:?}"))
 }
 
 /// Runs `queries/<name>.sql` over the sweep folder `dir` through DuckDB (tools/duckdb_queries.py
