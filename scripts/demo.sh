@@ -24,7 +24,7 @@ samples="${CT_DEMO_SAMPLES:-3}"
 model=$(scripts/fetch-model.sh)
 duckdb_bin=$(scripts/fetch-duckdb-cli.sh)
 if [ ! -x "$CARGO_TARGET_DIR/release/worker" ] || [ ! -x "$CARGO_TARGET_DIR/release/coordinator" ]; then
-  echo "== building the worker and the coordinator (a first build takes ~$((16 / cores)) minutes on $cores cores)"
+  echo "== building the worker and the coordinator (a first build takes ~$((12 / cores)) minutes on $cores cores)"
 fi
 cargo build --release --locked -p worker -p coordinator --bin worker --bin coordinator
 worker="$CARGO_TARGET_DIR/release/worker"
@@ -39,9 +39,9 @@ for prompt in \
 done
 
 echo
-# About 11 s of one core per fact at 3 samples (2-core AMD EPYC, 2026-11-30: 24 facts in
+# About 8 s of one core per fact at 3 samples (2-core AMD EPYC, 2026-11-30: 32 facts in
 # 131 s on 2 workers), in proportion to the samples (+1 for the clean run's share).
-estimate=$((facts * 11 * (samples + 1) / 4 / cores + 10))
+estimate=$((facts * 8 * (samples + 1) / 4 / cores + 10))
 echo "== sweep: $facts facts of $knowns, $samples noise samples (ROME: 10; set CT_DEMO_SAMPLES),"
 echo "   s3 noise, window 10, $cores local workers of 1 thread; about $((estimate / 60)) min $((estimate % 60)) s"
 sweep="demo-$facts-s$samples"
