@@ -154,6 +154,30 @@ pub async fn replay(out: &Location) -> anyhow::Result<Replayed> {
     Ok(replayed)
 }
 
+/// The data files the journal's commits name: all a reader may read of a sweep that may be
+/// running, or may have crashed between a flush's files and its commit (`replay`, which
+/// deletes such files, runs only when a coordinator starts).
+pub async fn committed_files(out: &Location) -> anyhow::Result<HashSet<String>> {
+    /// The one field a reader needs, so that records of any version parse.
+    #[derive(Deserialize)]
+    struct Files {
+        #[serde(default)]
+        files: Vec<String>,
+    }
+    let names: Vec<String> = out.list(JOURNAL_DIR).await?.into_iter().map(|(n, _)| n).collect();
+    let mut records = futures::stream::iter(names.iter())
+        .map(|name| async move { out.read_child(name).await.map(|bytes| (name, bytes)) })
+        .buffered(READ_AHEAD);
+    let mut files = HashSet::new();
+    while let Some(record) = records.next().await {
+        let (name, bytes) = record?;
+        let record: Files = serde_json::from_slice(&bytes)
+            .with_context(|| format!("journal record {name} in {} is corrupt", out.display))?;
+        files.extend(record.files);
+    }
+    Ok(files)
+}
+
 /// Appends `commit`; fails if another record holds its number (another coordinator writes
 /// this sweep). The same record already there is this commit's own earlier try, which the
 /// store wrote but whose reply was lost: that counts as appended.

@@ -94,10 +94,16 @@ async fn sweep(schema4: bool) -> Location {
     let hidden = [hidden, [row(2, Kind::Hidden, 0, 0.0), row(2, Kind::Hidden, 1, 1.0)]];
     let severed = [row(1, Kind::SeveredAttn, 0, 1.0), row(1, Kind::SeveredAttn, 1, 0.5)];
     let severed = [severed, [row(2, Kind::SeveredAttn, 0, 0.0), row(2, Kind::SeveredAttn, 1, 0.0)]];
+    let mut files = vec!["facts/part-0.parquet".to_string()];
     for (kind, rows) in [("hidden", hidden.concat()), ("severed_attn", severed.concat())] {
         let bytes = write_parquet(&traces_batch(&rows).expect("traces"), "traces").expect("pq");
-        at.write(&format!("traces/kind={kind}/part-0.parquet"), bytes).await.expect("write");
+        let name = format!("traces/kind={kind}/part-0.parquet");
+        at.write(&name, bytes).await.expect("write");
+        files.push(name);
     }
+    // The commit that names them: the aggregate reads committed files only.
+    let commit = serde_json::json!({"seq": 1, "jobs": [], "files": files});
+    at.write("_journal/00000001.json", Bytes::from(commit.to_string())).await.expect("journal");
     at
 }
 
@@ -189,4 +195,25 @@ async fn a_sweep_without_metric_columns_is_refused_for_other_metrics() {
         assert!(text.contains(&format!("--metric {metric}")), "{text}");
         assert!(text.contains("schema 3") && text.contains("--metric prob"), "{text}");
     }
+}
+
+/// A Parquet file no journal commit names (a flush that crashed before its commit, or one
+/// in progress while the sweep is read) is not read: its facts and rows are absent.
+#[tokio::test]
+async fn files_no_commit_names_are_not_read() {
+    let at = sweep(true).await;
+    let raw = measure(Metric::Prob, Scale::Raw, Recovery::RatioOfMeans);
+    let before = read_sweep(&at, &raw).await.expect("read");
+    let extra = [fact(9, metrics(0.5, 1.0, 0.0), metrics(0.1, 0.0, 1.0))];
+    let batch = facts_batch(&extra).expect("facts");
+    at.write("facts/part-1.parquet", write_parquet(&batch, "facts").expect("parquet"))
+        .await
+        .expect("write");
+    let rows = [row(9, Kind::Hidden, 0, 1.0), row(9, Kind::Hidden, 1, 1.0)];
+    let bytes = write_parquet(&traces_batch(&rows).expect("traces"), "traces").expect("pq");
+    at.write("traces/kind=hidden/part-1.parquet", bytes).await.expect("write");
+    let after = read_sweep(&at, &raw).await.expect("read");
+    assert_eq!(after.facts.len(), before.facts.len());
+    assert!(after.facts.iter().all(|f| f.known_id != 9));
+    assert_eq!(after.tables[&Kind::Hidden].len(), before.tables[&Kind::Hidden].len());
 }

@@ -69,14 +69,18 @@ fn levels(fact: &FactSummary, metric: Metric) -> Option<(f64, f64)> {
     }
 }
 
+/// The rows of `table`'s files that the journal has committed: a sweep read while it runs,
+/// or after a crash, can hold files of a flush whose commit never came (queries/facts.sql
+/// reads the same files).
 async fn read_table<T>(
     at: &Location,
     table: &str,
     read: impl Fn(&bytes::Bytes) -> common::Result<Vec<T>>,
 ) -> anyhow::Result<Vec<T>> {
+    let committed = crate::journal::committed_files(at).await?;
     let mut rows = Vec::new();
     for (name, _) in at.list(table).await? {
-        if name.ends_with(".parquet") {
+        if name.ends_with(".parquet") && committed.contains(&name) {
             rows.extend(read(&at.read_child(&name).await?).with_context(|| name.clone())?);
         }
     }
@@ -90,7 +94,10 @@ pub async fn kept_ids(
 ) -> anyhow::Result<std::collections::HashSet<u64>> {
     let facts = read_table(at, "facts", read_facts).await?;
     if facts.is_empty() {
-        bail!("{} has no facts/*.parquet: is it a sweep folder (<out>/<sweep-id>)?", at.display);
+        bail!(
+            "{} has no committed facts/*.parquet: is it a sweep folder (<out>/<sweep-id>) with a commit?",
+            at.display
+        );
     }
     Ok(facts.iter().filter(|f| filter.keeps(f)).map(|f| f.known_id).collect())
 }
@@ -115,7 +122,10 @@ pub async fn read_sweep(at: &Location, measure: &Measure) -> anyhow::Result<Swee
     }
     let facts = read_table(at, "facts", read_facts).await?;
     if facts.is_empty() {
-        bail!("{} has no facts/*.parquet: is it a sweep folder (<out>/<sweep-id>)?", at.display);
+        bail!(
+            "{} has no committed facts/*.parquet: is it a sweep folder (<out>/<sweep-id>) with a commit?",
+            at.display
+        );
     }
     let metric = measure.metric;
     if facts.iter().any(|f| levels(f, metric).is_none()) {
