@@ -29,6 +29,8 @@ pub struct WorkerCommand {
     pub device: String,
     /// The token file, if the token came from one.
     pub token_file: Option<PathBuf>,
+    /// Log as JSON lines (the coordinator's `--log-json`).
+    pub log_json: bool,
 }
 
 impl WorkerCommand {
@@ -41,6 +43,9 @@ impl WorkerCommand {
             .args(["--name", &format!("local-{slot}")]);
         if let Some(file) = &self.token_file {
             command.arg("--token-file").arg(file);
+        }
+        if self.log_json {
+            command.arg("--log-json");
         }
         command
             .stdin(Stdio::null())

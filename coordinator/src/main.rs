@@ -33,7 +33,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(*args).await,
+            Command::Run(args) => run::run(*args, cli.log_json).await,
             Command::Status(args) => status::status(&args, &mut std::io::stdout().lock()).await,
             Command::Aggregate(args) => {
                 aggregate::aggregate(&args, &mut std::io::stdout().lock()).await

@@ -32,7 +32,7 @@ use crate::writer::Writer;
 const DATASET_JOB: &str = "dataset";
 
 /// Runs or resumes a sweep.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let experiment = args.experiment.experiment()?;
     check_args(&args)?;
@@ -85,7 +85,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         servers.addr,
         out.display
     );
-    let mut local = start_local_workers(&args, servers.addr)?;
+    let mut local = start_local_workers(&args, servers.addr, log_json)?;
 
     let policy = FlushPolicy {
         every: Duration::from_secs_f64(args.flush_secs),
@@ -430,7 +430,11 @@ fn queue_first_jobs(shared: &Shared, replayed: &Replayed, inputs: &Inputs) -> an
     Ok(())
 }
 
-fn start_local_workers(args: &RunArgs, addr: SocketAddr) -> anyhow::Result<Option<LocalWorkers>> {
+fn start_local_workers(
+    args: &RunArgs,
+    addr: SocketAddr,
+    log_json: bool,
+) -> anyhow::Result<Option<LocalWorkers>> {
     let Some(n) = args.local_workers.filter(|&n| n > 0) else { return Ok(None) };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let command = WorkerCommand {
@@ -442,6 +446,8 @@ fn start_local_workers(args: &RunArgs, addr: SocketAddr) -> anyhow::Result<Optio
         device: args.worker_device.clone(),
         // A token from $CT_TOKEN reaches the children through the environment.
         token_file: args.token_file.clone(),
+        // They log into the same stream, in the same format.
+        log_json,
     };
     Ok(Some(LocalWorkers::start(command, n)?))
 }

@@ -1,7 +1,8 @@
 //! A sweep shows its progress in any log: with stderr in a file (as under `nohup` or in a
 //! Kubernetes pod) and no `RUST_LOG`, the coordinator logs a progress line at a steady
 //! interval and each local worker says what it runs and which job it computes; with
-//! `--log-json` the same lines are JSON objects whose fields carry the numbers.
+//! `--log-json` the same lines (the local workers' too) are JSON objects whose fields carry
+//! the numbers.
 
 use std::time::Duration;
 
@@ -55,4 +56,10 @@ fn log_json_progress_lines_carry_the_numbers_as_fields() {
     }
     assert!(fields["jobs_total"].as_u64() > Some(0), "{fields}");
     assert_eq!(progress[0]["level"], "INFO");
+    // The local workers log in JSON too, into the same stream.
+    let message = |v: &serde_json::Value, start: &str| {
+        v["fields"]["message"].as_str().is_some_and(|m| m.starts_with(start))
+    };
+    assert!(lines.iter().any(|v| message(v, "worker local-0 ready")), "{log}");
+    assert!(lines.iter().any(|v| message(v, "computing: fact")), "{log}");
 }
