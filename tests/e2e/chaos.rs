@@ -209,14 +209,22 @@ impl Chaos {
         proc
     }
 
-    /// One sweep into `out`, under faults, until its coordinator finishes it.
-    fn sweep(&mut self, out: &Path, started: Instant) {
-        let mut coordinator = self.coordinator(out);
+    /// Starts a worker in every empty slot: at a sweep's start, and whenever a coordinator
+    /// starts again. A worker told "finished" exits, but the coordinator that told it can die
+    /// before its last commit lands, and the one that resumes the sweep then needs workers
+    /// again (as a Deployment restarts pods that exit).
+    fn fill(&mut self) {
         for i in 0..WORKERS {
             if matches!(self.slots[i], Slot::Empty) {
                 self.slots[i] = Slot::Running(self.worker());
             }
         }
+    }
+
+    /// One sweep into `out`, under faults, until its coordinator finishes it.
+    fn sweep(&mut self, out: &Path, started: Instant) {
+        let mut coordinator = self.coordinator(out);
+        self.fill();
         loop {
             assert!(started.elapsed() < Duration::from_secs(900), "the sweeps did not finish");
             if let Some(status) = coordinator.child.try_wait().expect("try_wait") {
@@ -277,6 +285,7 @@ impl Chaos {
                     self.injected.coordinator_kills += 1;
                 }
                 coordinator = self.coordinator(out);
+                self.fill();
                 self.next_restart = after(&mut self.rng, 6.0, 10.0);
             }
             std::thread::sleep(Duration::from_millis(50));
