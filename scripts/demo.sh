@@ -58,6 +58,7 @@ echo "== causal trace of one fact (10 samples), with heatmaps"
 "$worker" trace --model "$model" --prompt "The Eiffel Tower is located in the city of" \
   --subject "The Eiffel Tower" --expect Paris --noise-subjects "$knowns" --plot "$out" > /dev/null
 echo
+echo "open first: $out/figure2/report.html (settings, headline, Figure 2, relations, facts)"
 echo "tables:   $out/sweeps/$sweep/{facts,traces/kind=*,errors}/*.parquet, manifest.json"
 echo "figure 2: $out/figure2/rollup_{hidden,mlp,attn}.{png,svg}, lines.{png,svg}, summary.parquet"
 echo "one fact: $out/trace_{hidden,mlp,attn}.{png,svg}"

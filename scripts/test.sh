@@ -2,7 +2,8 @@
 # The test command: fetches what the tests need (the SmolLM2 and Gemma 3 GGUFs,
 # known_1000.json, GPT-2's BPE files, DuckDB's Python package and shell, the deploy/
 # checkers, an S3 server), then runs every test of the workspace. Works on a fresh machine
-# with Rust, Python 3, npm and kubectl.
+# with Rust, Python 3, npm, kubectl and Chromium (the report's browser test; CT_CHROMIUM names
+# another binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -10,6 +10,7 @@ pub mod dataset_formats;
 pub mod donor;
 pub mod error;
 pub mod experiment;
+pub mod fact_texts;
 pub mod faults;
 pub mod fingerprint;
 pub mod flags;

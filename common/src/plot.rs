@@ -100,10 +100,27 @@ pub(crate) fn write_figure(figure: &impl Figure, stem: &Path) -> Result<Vec<Path
     Ok(vec![png, svg])
 }
 
+/// `figure` as an SVG document in a string (to inline in HTML); `what` names it in errors.
+pub(crate) fn svg_string(figure: &impl Figure, what: &str) -> Result<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, figure.size()).into_drawing_area();
+        let path = Path::new(what);
+        figure.draw(&root).map_err(|e| plot_err(path, e))?;
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    Ok(svg)
+}
+
 impl Heatmap {
     /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
     pub fn write(&self, stem: &Path) -> Result<Vec<PathBuf>> {
         write_figure(self, stem)
+    }
+
+    /// The heatmap as an SVG document, the same drawing as [`Heatmap::write`]'s `.svg`.
+    pub fn svg(&self) -> Result<String> {
+        svg_string(self, &self.title)
     }
 }
 
@@ -262,6 +279,8 @@ mod tests {
         }
         let svg = std::fs::read_to_string(&files[1]).expect("svg");
         assert!(svg.contains("p(Apple)") && svg.contains("ats*"));
+        // The string the report inlines is the file's drawing.
+        assert_eq!(map.svg().expect("svg string"), svg);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -385,7 +385,7 @@ pub fn write_parquet(batch: &RecordBatch, what: &str) -> Result<Bytes> {
     Ok(Bytes::from(buffer))
 }
 
-fn read_batches(bytes: &Bytes, what: &str) -> Result<Vec<RecordBatch>> {
+pub(crate) fn read_batches(bytes: &Bytes, what: &str) -> Result<Vec<RecordBatch>> {
     let err =
         |e: &dyn std::fmt::Display| Error::Parquet { what: what.into(), message: e.to_string() };
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
@@ -395,7 +395,7 @@ fn read_batches(bytes: &Bytes, what: &str) -> Result<Vec<RecordBatch>> {
     reader.map(|b| b.map_err(|e| err(&e))).collect()
 }
 
-fn column<'a>(batch: &'a RecordBatch, name: &str, what: &str) -> Result<&'a ArrayRef> {
+pub(crate) fn column<'a>(batch: &'a RecordBatch, name: &str, what: &str) -> Result<&'a ArrayRef> {
     batch
         .column_by_name(name)
         .ok_or_else(|| Error::Parquet { what: what.into(), message: format!("no column `{name}`") })
@@ -698,6 +698,14 @@ mod tests {
         assert_eq!(back[1].corrupted.map(|m| m.kl), Some(1.25));
         assert_eq!(back[0].clean.map(|m| m.logit_diff), Some(3.0));
         assert_eq!(back[0].n_tokens, 2);
+        let texts = crate::fact_texts::read_fact_texts(&bytes).expect("texts");
+        assert_eq!(texts.len(), 2);
+        assert_eq!(
+            (texts[0].prompt.as_str(), texts[0].subject.as_str(), texts[0].attribute.as_str()),
+            ("p", "s", "a")
+        );
+        assert_eq!((texts[1].known_id, texts[1].answer.as_str()), (10, " a"));
+        assert_eq!(texts[0].tokens, ["x", "y"]);
         assert_eq!(
             (back[0].traced_tokens.clone(), back[0].n_layers, back[0].n_heads),
             (vec![1], 4, 2)

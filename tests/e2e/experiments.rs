@@ -119,6 +119,12 @@ fn aggregate_equals_duckdb(dir: &Path, tmp: &Path) {
     for file in ["figure3.png", "figure3.svg", "heads_last_subject.png", "heads_last.svg"] {
         assert!(summary.join(file).is_file(), "{file} missing");
     }
+    // Figure 3 and the per-head maps in the page, in a real browser.
+    e2e::browser::check_report(
+        &summary,
+        &["settings", "headline", "figure2", "figure3", "heads", "relations", "facts"],
+        &["figure3", "heads_last_subject", "heads_last"],
+    );
     let duck = e2e::duckdb_queries(dir, "all", &["figure3", "heads", "rollup"]);
     let compare = |csv: &str, query: &str, key: &[&str]| {
         let rust: BTreeMap<Vec<String>, BTreeMap<String, String>> =

@@ -294,6 +294,13 @@ fn aggregate_equals_duckdb(dir: &Path, tmp: &Path) {
         assert!(summary.join(file).is_file(), "{file} missing");
     }
     compare_with_duckdb(dir, &summary, &[]);
+    // The page to open first, in a real browser: Goebbels (78) is the one fact SmolLM2
+    // predicts, so it is the largest and its maps are shown.
+    e2e::browser::check_report(
+        &summary,
+        &["settings", "headline", "figure2", "relations", "facts"],
+        &["rollup_hidden", "rollup_mlp", "lines", "78-hidden", "78-mlp"],
+    );
     // Every metric of the same sweep, raw and as recovery.
     for metric in ["logprob", "logit_diff", "kl"] {
         for scale in ["raw", "recovery"] {

@@ -1,11 +1,14 @@
 //! Helpers for the end-to-end tests: the real `coordinator` and `worker` binaries as
-//! processes on 127.0.0.1, the fixtures, and readers for a sweep's tables.
+//! processes on 127.0.0.1, the fixtures, readers for a sweep's tables, and a headless
+//! browser ([`browser`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+pub mod browser;
 
 use bytes::Bytes;
 use common::tables::{ErrorRow, FactSummary, TraceRow, read_errors, read_facts, read_traces};

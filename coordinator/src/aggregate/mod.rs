@@ -2,7 +2,8 @@
 //! figures, each drawn when the sweep has its kinds: Figure 2 for every token × layer kind
 //! ([`figure2`]), Figure 3 when it has `hidden` and a severed kind ([`figure3`]), and the
 //! layer × head maps for `head` ([`heads`]). docs/science.md defines every number. Each
-//! averages one metric on one scale ([`measure`]).
+//! averages one metric on one scale ([`measure`]). All of it, with the per-relation table and
+//! the extreme facts, goes into one page to open first, `report.html` ([`report`]).
 
 pub mod figure2;
 pub mod figure3;
@@ -11,6 +12,10 @@ pub mod measure;
 #[cfg(test)]
 mod measure_tests;
 pub mod read;
+pub mod report;
+pub mod report_facts;
+#[cfg(test)]
+mod report_tests;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -78,6 +83,7 @@ pub async fn aggregate(args: &AggregateArgs, stdout: &mut dyn Write) -> anyhow::
         .with_context(|| format!("--results {}", args.results))?;
     let measure = Measure::from_args(args)?;
     let mut sweep = read_sweep(&at, &measure).await?;
+    let mut note = None;
     if let Some(other) = &args.facts_of {
         let other_at =
             Location::open(other, false).with_context(|| format!("--facts-of {other}"))?;
@@ -85,7 +91,9 @@ pub async fn aggregate(args: &AggregateArgs, stdout: &mut dyn Write) -> anyhow::
             .await
             .with_context(|| format!("--facts-of {other}"))?;
         sweep.facts.retain(|f| ids.contains(&f.known_id));
-        writeln!(stdout, "only the {} facts {other} averages", ids.len())?;
+        let said = format!("Only the {} facts that {other} averages.", ids.len());
+        writeln!(stdout, "{said}")?;
+        note = Some(said);
     }
     let rollups = figure2::rollups(&sweep, args.facts);
     let fig3 = figure3::compute(&sweep, args.facts);
@@ -120,18 +128,33 @@ pub async fn aggregate(args: &AggregateArgs, stdout: &mut dyn Write) -> anyhow::
         sweep.geometry.n_heads
     )?;
     writeln!(stdout, "{}", measure.describe())?;
+    let mut files: [Vec<PathBuf>; 3] = Default::default();
     if !rollups.is_empty() {
-        written.extend(figure2::write(&sweep, &rollups, &out)?);
+        files[0] = figure2::write(&sweep, &rollups, &out)?;
         figure2::print(&sweep, &rollups, stdout)?;
     }
     if let Some(fig) = &fig3 {
-        written.extend(figure3::write(&sweep, fig, &out)?);
+        files[1] = figure3::write(&sweep, fig, &out)?;
         figure3::print(&sweep, fig, stdout)?;
     }
     if let Some(r) = &heads {
-        written.extend(heads::write(&sweep, r, &out)?);
+        files[2] = heads::write(&sweep, r, &out)?;
         heads::print(&sweep, r, stdout)?;
     }
+    written.extend(files.iter().flatten().cloned());
+    let texts = read::read_texts(&at).await?;
+    let page = report::Report {
+        sweep: &sweep,
+        filter: args.facts,
+        results: &args.results,
+        rollups: &rollups,
+        figure3: fig3.as_ref(),
+        heads: heads.as_ref(),
+        texts: &texts,
+        files: [&files[0], &files[1], &files[2]],
+        note,
+    };
+    written.push(report::write(&page, &out)?);
     writeln!(stdout, "\nwrote {}", out.display())?;
     for file in written {
         let name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, bail};
 use common::experiment::Tokens;
+use common::fact_texts::{FactText, read_fact_texts};
 use common::kinds::{Geometry, Kind};
 use common::metric::Metric;
 use common::rollup::{FactTable, Rescale};
@@ -57,6 +58,8 @@ pub struct SweepTables {
     /// Per fact: its clean and corrupted values of the measure (1 and 0 for per-fact
     /// recovery).
     pub levels: HashMap<u64, (f64, f64)>,
+    /// The sweep's manifest, when it has one that parses.
+    pub manifest: Option<serde_json::Value>,
 }
 
 /// A fact's clean and corrupted values of `metric`: `high_score` and `low_score` for prob
@@ -100,6 +103,12 @@ pub async fn kept_ids(
         );
     }
     Ok(facts.iter().filter(|f| filter.keeps(f)).map(|f| f.known_id).collect())
+}
+
+/// The words of a sweep folder's committed facts (prompts, tokens, answers), by id.
+pub async fn read_texts(at: &Location) -> anyhow::Result<HashMap<u64, FactText>> {
+    let texts = read_table(at, "facts", read_fact_texts).await?;
+    Ok(texts.into_iter().map(|t| (t.known_id, t)).collect())
 }
 
 /// Reads `facts/` and `traces/` of a sweep folder: the values of `measure`'s metric.
@@ -207,6 +216,7 @@ pub async fn read_sweep(at: &Location, measure: &Measure) -> anyhow::Result<Swee
         categories,
         measure: *measure,
         levels,
+        manifest,
     })
 }
 
