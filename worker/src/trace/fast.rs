@@ -412,37 +412,31 @@ impl Job<'_> {
         start: usize,
     ) -> Result<Entry> {
         let (t, n_layers, kind) = (cell.token, self.model.dims().n_layers, at.kind);
-        let mut hidden = at.own.entering(join, t, self.t_len)?;
+        // Every part is one row (a clean run's) or S rows (a corrupted run's); each is
+        // widened to the S rows of the entry once, before the parts are joined.
+        let samples = self.samples;
+        let widen = |x: Tensor| -> Result<Tensor> {
+            let (_, len, d) = x.dims3()?;
+            Ok(x.broadcast_as((samples, len, d))?)
+        };
+        let mut hidden = widen(at.own.entering(join, t, self.t_len)?)?;
         let mut patches = Vec::new();
         for state in kind.restored(cell, self.window, n_layers) {
             let value = self.source.at(state, t)?;
             if join.checked_sub(1).map(State::Block) == Some(state) {
-                let rows = hidden.dim(0)?.max(value.dim(0)?);
-                let first = value.broadcast_as((rows, 1, value.dim(2)?))?;
+                let first = widen(value)?;
                 hidden = if t + 1 < self.t_len {
-                    let rest = hidden.narrow(1, 1, self.t_len - t - 1)?;
-                    let (_, len, d) = rest.dims3()?;
-                    Tensor::cat(&[&first, &rest.broadcast_as((rows, len, d))?], 1)?
+                    Tensor::cat(&[&first, &hidden.narrow(1, 1, self.t_len - t - 1)?], 1)?
                 } else {
-                    first.contiguous()?
+                    first
                 };
             } else {
                 patches.push((Site::from(state), value));
             }
         }
         if start < t {
-            let before = at.before.entering_span(join, start, t - start)?;
-            let rows = hidden.dim(0)?.max(before.dim(0)?);
-            let (_, len, d) = before.dims3()?;
-            let (_, rest, _) = hidden.dims3()?;
-            hidden = Tensor::cat(
-                &[&before.broadcast_as((rows, len, d))?, &hidden.broadcast_as((rows, rest, d))?],
-                1,
-            )?;
-        }
-        if hidden.dim(0)? != self.samples {
-            let (_, len, d) = hidden.dims3()?;
-            hidden = hidden.broadcast_as((self.samples, len, d))?;
+            let before = widen(at.before.entering_span(join, start, t - start)?)?;
+            hidden = Tensor::cat(&[&before, &hidden], 1)?;
         }
         let hidden = hidden.contiguous()?;
         patches.extend(self.frozen_patches(kind, t, join)?);
