@@ -289,7 +289,55 @@ fn promote(a: DType, b: DType) -> DType {
 }
 
 /// Applies every patch of `site` to the state `xs` (`(b_sz, seq_len, d)`, first token at `pos0`).
+/// Patches that write disjoint places are applied in one scatter: each overwrite copies the
+/// whole state, and a batch of many restored tokens has a patch per (site, token). Patches
+/// that overlap are applied one by one in order, the last one winning, as
+/// [`apply_patches_in_order`] does (the reference; a test holds the two equal).
 pub(crate) fn apply_patches(
+    xs: Tensor,
+    site: Site,
+    patches: &[Patch],
+    pos0: usize,
+) -> Result<Tensor> {
+    let (indices, values) = patch_parts(&xs, site, patches, pos0)?;
+    if values.is_empty() {
+        return Ok(xs);
+    }
+    let mut seen = std::collections::HashSet::with_capacity(indices.len());
+    if !indices.iter().all(|i| seen.insert(*i)) {
+        return apply_patches_in_order(xs, site, patches, pos0);
+    }
+    let values = if values.len() == 1 {
+        values.into_iter().next().ok_or_else(|| crate::error::Error::Request("no patch".into()))?
+    } else {
+        Tensor::cat(&values, 0)?
+    };
+    overwrite(&xs, &FlatIndex { indices }, &values)
+}
+
+/// The checked flat indices of every patch of `site`, concatenated, and each patch's values
+/// as `(rows × tokens, d)` in the state's dtype.
+fn patch_parts(
+    xs: &Tensor,
+    site: Site,
+    patches: &[Patch],
+    pos0: usize,
+) -> Result<(Vec<u32>, Vec<Tensor>)> {
+    let (b_sz, seq_len, d) = xs.dims3()?;
+    let (mut indices, mut values) = (Vec::new(), Vec::new());
+    for patch in patches.iter().filter(|p| p.site == site) {
+        let what = format!("patch at {site:?}");
+        let index =
+            FlatIndex::new(&what, &patch.rows, patch.tokens.iter().copied(), b_sz, pos0, seq_len)?;
+        let v = flatten_values(&what, &patch.values, patch.rows.len(), patch.tokens.len(), d)?;
+        indices.extend(index.indices);
+        values.push(v.to_dtype(xs.dtype())?);
+    }
+    Ok((indices, values))
+}
+
+/// [`apply_patches`] one patch at a time, in order: the plain path.
+pub(crate) fn apply_patches_in_order(
     xs: Tensor,
     site: Site,
     patches: &[Patch],
@@ -417,4 +465,85 @@ pub(crate) fn apply_head_sites(
         view = apply_copies(view, site, &copies, 0)?;
     }
     Ok(view.reshape((b_sz, seq_len, width))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn random(rng: &mut StdRng, shape: (usize, usize, usize)) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2;
+        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// Random patches of one site, as the fast path makes them: each a set of rows at one
+    /// token (or a shared row broadcast), some at another site to be left out.
+    fn patches(rng: &mut StdRng, b: usize, seq: usize, d: usize, pos0: usize) -> Vec<Patch> {
+        let mut out = Vec::new();
+        for _ in 0..rng.random_range(1..6) {
+            let token = pos0 + rng.random_range(0..seq);
+            let rows: Vec<usize> = (0..b).filter(|_| rng.random_bool(0.5)).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let shared = rng.random_bool(0.3);
+            let values = random(rng, (if shared { 1 } else { rows.len() }, 1, d));
+            let site = if rng.random_bool(0.2) { Site::Mlp(1) } else { Site::Block(0) };
+            out.push(Patch { site, rows, tokens: vec![token], values });
+        }
+        out
+    }
+
+    #[test]
+    fn one_scatter_equals_patches_one_by_one() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (mut merged, mut overlapping) = (0, 0);
+        for _ in 0..300 {
+            let (b, seq, d, pos0) = (rng.random_range(1..6), rng.random_range(1..5), 8, 2);
+            let xs = random(&mut rng, (b, seq, d));
+            let ps = patches(&mut rng, b, seq, d, pos0);
+            let fast = apply_patches(xs.clone(), Site::Block(0), &ps, pos0).expect("fast");
+            let plain = apply_patches_in_order(xs, Site::Block(0), &ps, pos0).expect("plain");
+            assert_eq!(bits(&fast), bits(&plain), "{ps:?}");
+            let (indices, _) = patch_parts(&fast, Site::Block(0), &ps, pos0).expect("parts");
+            let mut seen = std::collections::HashSet::new();
+            if indices.iter().all(|i| seen.insert(*i)) { merged += 1 } else { overlapping += 1 }
+        }
+        // Both branches ran: disjoint patches in one scatter, overlapping ones in order.
+        assert!(merged > 50 && overlapping > 50, "{merged} merged, {overlapping} overlapping");
+    }
+
+    #[test]
+    fn a_patch_outside_the_state_is_refused_either_way() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let xs = random(&mut rng, (2, 3, 4));
+        let bad = Patch {
+            site: Site::Block(0),
+            rows: vec![2],
+            tokens: vec![0],
+            values: random(&mut rng, (1, 1, 4)),
+        };
+        let good = Patch {
+            site: Site::Block(0),
+            rows: vec![0],
+            tokens: vec![1],
+            values: random(&mut rng, (1, 1, 4)),
+        };
+        let ps = [good, bad];
+        assert!(apply_patches(xs.clone(), Site::Block(0), &ps, 0).is_err());
+        assert!(apply_patches_in_order(xs, Site::Block(0), &ps, 0).is_err());
+    }
 }
