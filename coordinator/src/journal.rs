@@ -112,16 +112,7 @@ pub fn commit_name(seq: u64) -> String {
 pub async fn replay(out: &Location) -> anyhow::Result<Replayed> {
     let mut replayed = Replayed::default();
     let mut committed_files: HashSet<String> = HashSet::new();
-    // A long sweep has thousands of records: read them many at a time (a remote store
-    // answers each in tens of milliseconds), in order.
-    let names: Vec<String> = out.list(JOURNAL_DIR).await?.into_iter().map(|(n, _)| n).collect();
-    let mut records = futures::stream::iter(names.iter())
-        .map(|name| async move { out.read_child(name).await.map(|bytes| (name, bytes)) })
-        .buffered(READ_AHEAD);
-    while let Some(record) = records.next().await {
-        let (name, bytes) = record?;
-        let commit: Commit = serde_json::from_slice(&bytes)
-            .with_context(|| format!("journal record {name} in {} is corrupt", out.display))?;
+    read_records(out, |name, commit: Commit| {
         if commit.seq != replayed.last_seq + 1 {
             bail!(
                 "journal of {} jumps from commit {} to {} ({name})",
@@ -141,7 +132,9 @@ pub async fn replay(out: &Location) -> anyhow::Result<Replayed> {
         if commit.n_layers.is_some() {
             replayed.n_layers = commit.n_layers;
         }
-    }
+        Ok(())
+    })
+    .await?;
     for table in TABLES {
         for (name, _) in out.list(table).await? {
             if !committed_files.contains(&name) {
@@ -164,18 +157,33 @@ pub async fn committed_files(out: &Location) -> anyhow::Result<HashSet<String>> 
         #[serde(default)]
         files: Vec<String>,
     }
+    let mut files = HashSet::new();
+    read_records(out, |_, record: Files| {
+        files.extend(record.files);
+        Ok(())
+    })
+    .await?;
+    Ok(files)
+}
+
+/// Reads every journal record of `out` in order, parsed as `T`, and hands each to `each`
+/// with its name. A long sweep has thousands of records: they are read many at a time (a
+/// remote store answers each in tens of milliseconds), still in order.
+async fn read_records<T: serde::de::DeserializeOwned>(
+    out: &Location,
+    mut each: impl FnMut(&str, T) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let names: Vec<String> = out.list(JOURNAL_DIR).await?.into_iter().map(|(n, _)| n).collect();
     let mut records = futures::stream::iter(names.iter())
         .map(|name| async move { out.read_child(name).await.map(|bytes| (name, bytes)) })
         .buffered(READ_AHEAD);
-    let mut files = HashSet::new();
     while let Some(record) = records.next().await {
         let (name, bytes) = record?;
-        let record: Files = serde_json::from_slice(&bytes)
+        let record: T = serde_json::from_slice(&bytes)
             .with_context(|| format!("journal record {name} in {} is corrupt", out.display))?;
-        files.extend(record.files);
+        each(name, record)?;
     }
-    Ok(files)
+    Ok(())
 }
 
 /// Appends `commit`; fails if another record holds its number (another coordinator writes
@@ -225,6 +233,9 @@ mod tests {
         let other = Commit { jobs: vec!["2:0-2".into()], ..commit.clone() };
         let refused = append(&out, &other).await.expect_err("a second writer is refused");
         assert!(refused.to_string().contains("another coordinator"), "{refused}");
+        // A reader sees the committed file only, the orphan still there.
+        let files = committed_files(&out).await.expect("files");
+        assert_eq!(files, HashSet::from(["facts/part-00000001.parquet".to_string()]));
         let replayed = replay(&out).await.expect("replay");
         assert_eq!(replayed.last_seq, 1);
         assert!(replayed.done.contains("1:0-2"));
