@@ -108,7 +108,10 @@ pub async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
             injected.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
-    if state == SweepState::Finished {
+    if state == SweepState::Finished && flushed.is_ok() {
+        // Everything is in storage: workers may now be told the sweep is finished, which
+        // the linger leaves them time to hear.
+        let _ = shared.committed_all.set(());
         linger(args.linger_secs).await?;
     }
     servers.stop(local).await;
@@ -398,6 +401,7 @@ fn shared_state(
         lease: Duration::from_secs_f64(args.lease_secs),
         flush_now: tokio::sync::Notify::new(),
         fatal: OnceLock::new(),
+        committed_all: OnceLock::new(),
     }
 }
 

@@ -135,6 +135,21 @@ pub struct Shared {
     pub flush_now: tokio::sync::Notify,
     /// Set when the sweep cannot go on (e.g. its settings do not fit the model).
     pub fatal: OnceLock<String>,
+    /// Set once the last commit of a finished sweep is in storage: only then are workers
+    /// told "finished". Before it, a coordinator that dies between its last job and its last
+    /// commit would have sent its workers home, leaving the run that resumes it without any.
+    pub committed_all: OnceLock<()>,
+}
+
+/// The reply to a lease of a sweep with every job done: "finished" once the last commit is
+/// in storage, else "wait" (the run loop is committing; if it dies first, the run that
+/// resumes the sweep finds these workers still there).
+fn finished_reply(committed_all: bool) -> lease_reply::Reply {
+    if committed_all {
+        lease_reply::Reply::Finished(proto::Finished {})
+    } else {
+        lease_reply::Reply::Wait(proto::Wait { retry_ms: 250 })
+    }
 }
 
 fn lock(m: &Mutex<Scheduler>) -> std::sync::MutexGuard<'_, Scheduler> {
@@ -410,7 +425,7 @@ impl Coordinator for Service {
                 }
             },
             LeaseOutcome::Wait => lease_reply::Reply::Wait(proto::Wait { retry_ms: 250 }),
-            LeaseOutcome::Finished => lease_reply::Reply::Finished(proto::Finished {}),
+            LeaseOutcome::Finished => finished_reply(shared.committed_all.get().is_some()),
         };
         Ok(Response::new(proto::LeaseReply { reply: Some(reply) }))
     }
@@ -584,5 +599,16 @@ fn accepted(completion: Completion, worker: &str, job: &str) -> bool {
             tracing::warn!(worker, job, "refused a result: the worker holds no live lease on it");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_hear_finished_only_after_the_last_commit() {
+        assert!(matches!(finished_reply(false), lease_reply::Reply::Wait(_)));
+        assert!(matches!(finished_reply(true), lease_reply::Reply::Finished(_)));
     }
 }
