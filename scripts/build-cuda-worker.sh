@@ -49,12 +49,14 @@ export CUDA_ROOT="$cuda" CUDA_PATH="$cuda" PATH="$cuda/bin:$PATH"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH="$lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 cargo build --release -p worker --features cuda --bin worker --bin trace-bench
+# The coordinator needs no CUDA (nor candle): the GPU script runs whole sweeps with it.
+cargo build --release -p coordinator --bin coordinator
 
 # Stripped, each is still ~70 MB (candle's kernels, PTX and Hopper cubins, are embedded);
 # xz makes it ~12 MB, so both fit a device call. scripts/gpu-bench.sh unpacks them.
 mkdir -p "$out"
 rm -f "$out"/*
-for b in worker trace-bench; do
+for b in worker trace-bench coordinator; do
   strip -o "$out/$b" "$CARGO_TARGET_DIR/release/$b"
   xz -T2 -6 "$out/$b"
 done
