@@ -14,6 +14,7 @@ pub mod fast;
 pub mod naive;
 pub mod noise;
 pub mod rng;
+pub(crate) mod row_sums;
 pub(crate) mod score;
 pub mod table;
 pub mod tokens;

@@ -10,7 +10,8 @@
 //! candle's) agrees with it to the rounding of its f32 sum over the vocabulary (~1e-6
 //! relative). Rows are scored in parallel: with a 49k–262k vocabulary and ten rows per
 //! restored state, scoring was a tenth of a fast trace when it ran on one thread with an f32
-//! softmax and a log-softmax vector per row.
+//! softmax and a log-softmax vector per row; each row's sums are vectorised
+//! ([`super::row_sums`]).
 //! [`Scorer::row_reference`] is the plain definition the tests hold it to.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
@@ -18,6 +19,7 @@ use common::metric::MetricValues;
 use rayon::prelude::*;
 
 use super::mean;
+use super::row_sums::row_sums;
 use crate::error::{Error, Result};
 
 /// Scores runs of one fact: the answer, the foil and the clean distribution are fixed.
@@ -35,12 +37,6 @@ pub(crate) struct Scorer {
 
 /// One row's metrics before averaging: p(a) in f32, then logprob, logit_diff, kl.
 type RowMetrics = (f32, [f64; 3]);
-
-/// ln Σ exp(z) of one row of logits, in f64.
-fn log_sum_exp(z: &[f32]) -> f64 {
-    let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
-    max + z.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln()
-}
 
 /// log-softmax of one row of logits, in f64.
 fn log_softmax(z: &[f32]) -> Vec<f64> {
@@ -129,8 +125,8 @@ impl Scorer {
     /// The metrics of one row of `vocab` logits (checked by the caller).
     fn row(&self, z: &[f32]) -> RowMetrics {
         let (a, f) = (self.answer as usize, self.foil as usize);
-        let lse = log_sum_exp(z);
-        let dot: f64 = self.clean_p.iter().zip(z).map(|(p, &v)| p * f64::from(v)).sum();
+        let sums = row_sums(z, &self.clean_p);
+        let (lse, dot) = (sums.max + sums.sum_exp.ln(), sums.dot);
         let kl = self.clean_neg_entropy - dot + lse * self.clean_mass;
         let za = f64::from(z[a]);
         ((za - lse).exp() as f32, [za - lse, za - f64::from(z[f]), kl])
