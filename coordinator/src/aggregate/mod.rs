@@ -142,7 +142,6 @@ pub async fn aggregate(args: &AggregateArgs, stdout: &mut dyn Write) -> anyhow::
         heads::print(&sweep, r, stdout)?;
     }
     written.extend(files.iter().flatten().cloned());
-    let texts = read::read_texts(&at).await?;
     let page = report::Report {
         sweep: &sweep,
         filter: args.facts,
@@ -150,7 +149,6 @@ pub async fn aggregate(args: &AggregateArgs, stdout: &mut dyn Write) -> anyhow::
         rollups: &rollups,
         figure3: fig3.as_ref(),
         heads: heads.as_ref(),
-        texts: &texts,
         files: [&files[0], &files[1], &files[2]],
         note,
     };

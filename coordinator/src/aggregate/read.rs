@@ -4,7 +4,7 @@
 //! corrupted values are those of the measure's metric, mapped to per-fact recovery already
 //! when the measure asks for it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{Context, bail};
 use common::experiment::Tokens;
@@ -60,6 +60,8 @@ pub struct SweepTables {
     pub levels: HashMap<u64, (f64, f64)>,
     /// The sweep's manifest, when it has one that parses.
     pub manifest: Option<serde_json::Value>,
+    /// The facts' words (prompts, tokens, answers), by id.
+    pub texts: HashMap<u64, FactText>,
 }
 
 /// A fact's clean and corrupted values of `metric`: `high_score` and `low_score` for prob
@@ -72,15 +74,15 @@ fn levels(fact: &FactSummary, metric: Metric) -> Option<(f64, f64)> {
     }
 }
 
-/// The rows of `table`'s files that the journal has committed: a sweep read while it runs,
-/// or after a crash, can hold files of a flush whose commit never came (queries/facts.sql
-/// reads the same files).
+/// The rows of `table`'s files that the journal has committed (`committed`, read once per
+/// sweep): a sweep read while it runs, or after a crash, can hold files of a flush whose
+/// commit never came (queries/facts.sql reads the same files).
 async fn read_table<T>(
     at: &Location,
+    committed: &HashSet<String>,
     table: &str,
     read: impl Fn(&bytes::Bytes) -> common::Result<Vec<T>>,
 ) -> anyhow::Result<Vec<T>> {
-    let committed = crate::journal::committed_files(at).await?;
     let mut rows = Vec::new();
     for (name, _) in at.list(table).await? {
         if name.ends_with(".parquet") && committed.contains(&name) {
@@ -90,12 +92,24 @@ async fn read_table<T>(
     Ok(rows)
 }
 
-/// The ids of the facts of a sweep folder that `filter` keeps (read from `facts/` only).
-pub async fn kept_ids(
+/// The committed `facts` rows with their words, each file read once (both readers walk the
+/// same batches in the same order, so row i of one is row i of the other).
+async fn read_facts_and_texts(
     at: &Location,
-    filter: FactFilter,
-) -> anyhow::Result<std::collections::HashSet<u64>> {
-    let facts = read_table(at, "facts", read_facts).await?;
+    committed: &HashSet<String>,
+) -> anyhow::Result<(Vec<FactSummary>, HashMap<u64, FactText>)> {
+    let both = read_table(at, committed, "facts", |bytes| {
+        Ok(read_facts(bytes)?.into_iter().zip(read_fact_texts(bytes)?).collect::<Vec<_>>())
+    })
+    .await?;
+    let (facts, texts): (Vec<_>, Vec<_>) = both.into_iter().unzip();
+    Ok((facts, texts.into_iter().map(|t| (t.known_id, t)).collect()))
+}
+
+/// The ids of the facts of a sweep folder that `filter` keeps (read from `facts/` only).
+pub async fn kept_ids(at: &Location, filter: FactFilter) -> anyhow::Result<HashSet<u64>> {
+    let committed = crate::journal::committed_files(at).await?;
+    let facts = read_table(at, &committed, "facts", read_facts).await?;
     if facts.is_empty() {
         bail!(
             "{} has no committed facts/*.parquet: is it a sweep folder (<out>/<sweep-id>) with a commit?",
@@ -103,12 +117,6 @@ pub async fn kept_ids(
         );
     }
     Ok(facts.iter().filter(|f| filter.keeps(f)).map(|f| f.known_id).collect())
-}
-
-/// The words of a sweep folder's committed facts (prompts, tokens, answers), by id.
-pub async fn read_texts(at: &Location) -> anyhow::Result<HashMap<u64, FactText>> {
-    let texts = read_table(at, "facts", read_fact_texts).await?;
-    Ok(texts.into_iter().map(|t| (t.known_id, t)).collect())
 }
 
 /// Reads `facts/` and `traces/` of a sweep folder: the values of `measure`'s metric.
@@ -129,7 +137,8 @@ pub async fn read_sweep(at: &Location, measure: &Measure) -> anyhow::Result<Swee
             readable.end()
         );
     }
-    let facts = read_table(at, "facts", read_facts).await?;
+    let committed = crate::journal::committed_files(at).await?;
+    let (facts, texts) = read_facts_and_texts(at, &committed).await?;
     if facts.is_empty() {
         bail!(
             "{} has no committed facts/*.parquet: is it a sweep folder (<out>/<sweep-id>) with a commit?",
@@ -162,7 +171,7 @@ pub async fn read_sweep(at: &Location, measure: &Measure) -> anyhow::Result<Swee
         Some(_) => levels.keys().map(|&id| (id, (1.0, 0.0))).collect(),
         None => levels,
     };
-    let rows = read_table(at, "traces", read_traces).await?;
+    let rows = read_table(at, &committed, "traces", read_traces).await?;
     let n_layers = facts.iter().map(|f| f.n_layers as usize).max().unwrap_or(0);
     let n_heads = facts.iter().map(|f| f.n_heads as usize).max().unwrap_or(0);
     let geometry = Geometry { n_layers, n_heads };
@@ -217,6 +226,7 @@ pub async fn read_sweep(at: &Location, measure: &Measure) -> anyhow::Result<Swee
         measure: *measure,
         levels,
         manifest,
+        texts,
     })
 }
 

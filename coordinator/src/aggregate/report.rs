@@ -35,8 +35,6 @@ pub struct Report<'a> {
     pub figure3: Option<&'a Figure3>,
     /// The per-head rollup, when the sweep has it.
     pub heads: Option<&'a Rollup>,
-    /// The facts' words.
-    pub texts: &'a HashMap<u64, FactText>,
     /// The files each part wrote, Figure 2's, Figure 3's and the heads': their SVGs are
     /// inlined.
     pub files: [&'a [PathBuf]; 3],
@@ -404,7 +402,7 @@ fn fact(r: &Report<'_>, kind: Kind, ranked: &Ranked, h: &mut String) -> anyhow::
     let Some(fact) = sweep.facts.iter().find(|f| f.known_id == ranked.known_id) else {
         return Ok(());
     };
-    let text = r.texts.get(&fact.known_id);
+    let text = sweep.texts.get(&fact.known_id);
     writeln!(h, "<article class=\"fact\" id=\"fact-{}\">", fact.known_id)?;
     match text {
         Some(t) => writeln!(

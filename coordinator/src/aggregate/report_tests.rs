@@ -11,7 +11,7 @@ use common::tables::{FactRow, TokenCategory, TraceRow, facts_batch, traces_batch
 
 use super::figure2::rollups;
 use super::measure::{DEFAULT_FLOOR, Measure, Recovery, Scale};
-use super::read::{FactFilter, read_sweep, read_texts};
+use super::read::{FactFilter, read_sweep};
 use super::report::{Report, esc, render};
 use super::report_facts::{extremes, relation_rows};
 
@@ -166,8 +166,7 @@ async fn relation_rows_are_figure_2_over_each_relations_facts() {
 async fn the_page_has_every_part_inline_and_escapes_the_words() {
     let at = sweep().await;
     let s = read_sweep(&at, &measure(Metric::Prob)).await.expect("read");
-    let texts = read_texts(&at).await.expect("texts");
-    assert_eq!(texts[&2].tokens[1], "2>");
+    assert_eq!(s.texts[&2].tokens[1], "2>");
     let r = rollups(&s, FactFilter::Correct);
     // Figure 2's SVGs as `figure2::write` leaves them beside the page.
     let dir = tempfile::tempdir().expect("tmp");
@@ -179,7 +178,6 @@ async fn the_page_has_every_part_inline_and_escapes_the_words() {
         rollups: &r,
         figure3: None,
         heads: None,
-        texts: &texts,
         files: [&files, &[], &[]],
         note: None,
     })
