@@ -299,20 +299,28 @@ pub(crate) fn apply_patches(
     patches: &[Patch],
     pos0: usize,
 ) -> Result<Tensor> {
-    let (indices, values) = patch_parts(&xs, site, patches, pos0)?;
-    if values.is_empty() {
-        return Ok(xs);
-    }
-    let mut seen = std::collections::HashSet::with_capacity(indices.len());
-    if !indices.iter().all(|i| seen.insert(*i)) {
-        return apply_patches_in_order(xs, site, patches, pos0);
-    }
-    let values = if values.len() == 1 {
-        values.into_iter().next().ok_or_else(|| crate::error::Error::Request("no patch".into()))?
-    } else {
-        Tensor::cat(&values, 0)?
+    let (indices, mut values) = patch_parts(&xs, site, patches, pos0)?;
+    let values = match values.len() {
+        0 => return Ok(xs),
+        // One patch: one overwrite, as in order.
+        1 => values.swap_remove(0),
+        _ if !all_distinct(&indices, xs.elem_count() / xs.dim(2)?) => {
+            return apply_patches_in_order(xs, site, patches, pos0);
+        }
+        _ => Tensor::cat(&values, 0)?,
     };
     overwrite(&xs, &FlatIndex { indices }, &values)
+}
+
+/// Whether no flat index (each below `len`) occurs twice: a bitmap, one pass.
+fn all_distinct(indices: &[u32], len: usize) -> bool {
+    let mut seen = vec![0u64; len.div_ceil(64)];
+    indices.iter().all(|&i| {
+        let (word, bit) = (i as usize / 64, 1u64 << (i % 64));
+        let fresh = seen[word] & bit == 0;
+        seen[word] |= bit;
+        fresh
+    })
 }
 
 /// The checked flat indices of every patch of `site`, concatenated, and each patch's values
@@ -519,8 +527,7 @@ mod tests {
             let plain = apply_patches_in_order(xs, Site::Block(0), &ps, pos0).expect("plain");
             assert_eq!(bits(&fast), bits(&plain), "{ps:?}");
             let (indices, _) = patch_parts(&fast, Site::Block(0), &ps, pos0).expect("parts");
-            let mut seen = std::collections::HashSet::new();
-            if indices.iter().all(|i| seen.insert(*i)) { merged += 1 } else { overlapping += 1 }
+            if all_distinct(&indices, b * seq) { merged += 1 } else { overlapping += 1 }
         }
         // Both branches ran: disjoint patches in one scatter, overlapping ones in order.
         assert!(merged > 50 && overlapping > 50, "{merged} merged, {overlapping} overlapping");
