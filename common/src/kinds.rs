@@ -144,6 +144,11 @@ pub struct Style {
     pub x_label: &'static str,
 }
 
+/// A [`Style`] template (`panel`, `x_label`) with `{window}` and `{model}` filled in.
+pub fn fill(template: &str, window: usize, model: &str) -> String {
+    template.replace("{window}", &window.to_string()).replace("{model}", model)
+}
+
 /// What restoring a cell restores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Restores {

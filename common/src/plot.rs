@@ -113,6 +113,33 @@ pub(crate) fn svg_string(figure: &impl Figure, what: &str) -> Result<String> {
 }
 
 impl Heatmap {
+    /// One fact's trace of `kind` as ROME's `plot_trace_heatmap` draws it: `rows` (labelled
+    /// `row_labels`) down the side, layers across (`x_label`: the kind's, filled with
+    /// [`crate::kinds::fill`]), the kind's colour map, the colour scale from `low` (the
+    /// corrupted run's value) to the best value, and `bar_label` (e.g. "p(Berlin)").
+    pub fn fact_trace(
+        kind: crate::kinds::Kind,
+        title: String,
+        row_labels: Vec<String>,
+        rows: Vec<Vec<f64>>,
+        low: f64,
+        bar_label: String,
+        x_label: String,
+    ) -> Self {
+        let vmax = rows.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
+        Heatmap {
+            title,
+            row_labels,
+            x_label,
+            x_tick_every: 5,
+            values: rows,
+            vmin: low,
+            vmax,
+            palette: kind.style().palette,
+            bar_label,
+        }
+    }
+
     /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
     pub fn write(&self, stem: &Path) -> Result<Vec<PathBuf>> {
         write_figure(self, stem)

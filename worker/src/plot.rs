@@ -6,15 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
-use common::kinds::Kind;
+use common::kinds::{Kind, fill};
 use common::plot::Heatmap;
 
 use crate::error::{Error, Result};
 use crate::trace::FactTrace;
-
-fn fill(template: &str, window: usize, model: &str) -> String {
-    template.replace("{window}", &window.to_string()).replace("{model}", model)
-}
 
 /// The figures of one kind of a trace, with the file stem of each.
 pub fn heatmaps(
@@ -30,19 +26,9 @@ pub fn heatmaps(
         let tok = &trace.tokens[t];
         if (b..e).contains(&t) { format!("{tok}*") } else { tok.clone() }
     };
-    let map = |title: String, row_labels, x_label, values: Vec<Vec<f64>>| {
-        let vmax = values.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
-        Heatmap {
-            title,
-            row_labels,
-            x_label,
-            x_tick_every: 5,
-            values,
-            vmin: f64::from(trace.low_score),
-            vmax,
-            palette: style.palette,
-            bar_label: format!("p({})", trace.answer.trim()),
-        }
+    let (low, answer) = (f64::from(trace.low_score), format!("p({})", trace.answer.trim()));
+    let map = |title: String, row_labels, x_label, values| {
+        Heatmap::fact_trace(kind, title, row_labels, values, low, answer.clone(), x_label)
     };
     let title = format!("Impact of restoring {} after corrupted input", style.what);
     let x_label = fill(style.x_label, window, model_name);

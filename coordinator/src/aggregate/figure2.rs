@@ -49,7 +49,7 @@ pub(crate) fn measured(sweep: &SweepTables) -> Measured<'_> {
 }
 
 fn fill(template: &str, sweep: &SweepTables) -> String {
-    template.replace("{window}", &sweep.window.to_string()).replace("{model}", &sweep.model)
+    common::kinds::fill(template, sweep.window as usize, &sweep.model)
 }
 
 fn summary_rows(rollups: &BTreeMap<Kind, Rollup>) -> Vec<SummaryRow> {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use common::fact_texts::FactText;
-use common::kinds::Kind;
+use common::kinds::{Kind, fill};
 use common::plot::Heatmap;
 use common::rollup::rollup_of;
 use common::tables::FactSummary;
@@ -130,8 +130,6 @@ pub fn fact_heatmap(
         .iter()
         .map(|&t| table.scores[t].iter().map(|v| sign * v).collect())
         .collect();
-    let vmax = values.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
-    let style = kind.style();
     let m = &sweep.measure;
     let quantity = match text {
         Some(x) if m.is_prob_raw() => format!("p({})", x.answer.trim()),
@@ -139,18 +137,14 @@ pub fn fact_heatmap(
         _ if sign < 0.0 => format!("−{}", m.quantity()),
         _ => m.quantity().into(),
     };
-    Some(Heatmap {
-        title: format!("Impact of restoring {} after corrupted input", style.what),
-        row_labels: fact.traced_tokens.iter().map(|&t| label(t)).collect(),
-        x_label: style
-            .x_label
-            .replace("{window}", &sweep.window.to_string())
-            .replace("{model}", &sweep.model),
-        x_tick_every: 5,
+    let style = kind.style();
+    Some(Heatmap::fact_trace(
+        kind,
+        format!("Impact of restoring {} after corrupted input", style.what),
+        fact.traced_tokens.iter().map(|&t| label(t)).collect(),
         values,
-        vmin: sign * table.low_score,
-        vmax,
-        palette: style.palette,
-        bar_label: quantity,
-    })
+        sign * table.low_score,
+        quantity,
+        fill(style.x_label, sweep.window as usize, &sweep.model),
+    ))
 }
