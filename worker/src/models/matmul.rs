@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 
 /// `xs (m, k) · w (k, n)` for 2-d f32 CPU tensors; candle's matmul otherwise.
-pub(crate) fn matmul(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn matmul(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2;
     if fits(xs) && fits(w) {
         let threads = candle_core::utils::get_num_threads();
@@ -35,7 +35,7 @@ pub(crate) fn matmul(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// candle's matmul: what [`matmul`] computes.
-pub(crate) fn matmul_reference(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn matmul_reference(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(xs.matmul(w)?)
 }
 

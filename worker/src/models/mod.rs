@@ -4,7 +4,7 @@ pub mod gpt2;
 pub mod gptj;
 pub mod llama;
 pub mod llama_config;
-pub(crate) mod matmul;
+pub mod matmul;
 pub mod neox;
 pub(crate) mod nn;
 pub(crate) mod ops;
