@@ -35,6 +35,7 @@ use common::flags::ExperimentFlags;
 use common::settings::Correctness;
 use worker::cli::ModelArgs;
 use worker::models::matmul;
+use worker::models::packed::PackedWeight;
 use worker::trace::cost::{fast_flops, model_cost, naive_flops};
 use worker::trace::noise::embedding_std;
 use worker::trace::{FactInput, Path, TraceOptions, trace_fact};
@@ -177,20 +178,25 @@ fn rome_python(args: &Args) -> Option<PathBuf> {
 /// GEMM rate of the model's device in its dtype right now: the median of seven 2048³
 /// products, 8192³ on a GPU (shared machines drift by ±20% over minutes, so it is measured
 /// next to each fact), through candle's matmul and through the worker's own (row blocks on
-/// the CPU), whichever is higher. Reading the sum back waits for the device.
+/// the CPU, and the packed kernel where the CPU runs it, its packing not timed, as a layer's
+/// weight is packed at load), whichever is highest. Reading the sum back waits for the device.
 fn gemm_gflops(device: &Device, dtype: DType) -> anyhow::Result<f64> {
     let n = if device.is_cpu() { 2048 } else { 8192 };
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
-    let products: [fn(&Tensor, &Tensor) -> worker::error::Result<Tensor>; 2] =
-        [matmul::matmul_reference, matmul::matmul];
+    let packed = PackedWeight::pack(&b)?;
+    let mut products: Vec<Box<dyn Fn() -> worker::error::Result<Tensor>>> =
+        vec![Box::new(|| matmul::matmul_reference(&a, &b)), Box::new(|| matmul::matmul(&a, &b))];
+    if let Some(p) = &packed {
+        products.push(Box::new(|| p.matmul(&a)));
+    }
     let mut best = 0f64;
     for product in products {
-        product(&a, &b)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        product()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         let mut rates = Vec::new();
         for _ in 0..7 {
             let start = Instant::now();
-            let c = product(&a, &b)?;
+            let c = product()?;
             c.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
             rates.push(2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64() / 1e9);
         }

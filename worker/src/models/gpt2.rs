@@ -209,7 +209,7 @@ impl Gpt2 {
             });
         }
         let ln_f = layer_norm(w, &format!("{p}ln_f"), d)?;
-        let lm_head = Linear::from_out_in(wte.clone(), None, "lm_head")?;
+        let lm_head = Linear::shared_out_in(wte.clone(), None, "lm_head")?;
         let dims = Dims {
             n_layers: cfg.n_layer,
             d_model: d,

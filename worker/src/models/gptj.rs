@@ -209,13 +209,13 @@ impl GptJ {
             });
         }
         let ln_f = LayerNorm::load(w, &format!("{p}ln_f"), d, eps)?;
-        let head_weight = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            wte.clone()
-        } else {
-            w.get("lm_head.weight", &[cfg.vocab_size, d])?
-        };
         let head_bias = w.get("lm_head.bias", &[cfg.vocab_size])?;
-        let lm_head = Linear::from_out_in(head_weight, Some(head_bias), "lm_head")?;
+        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+            Linear::shared_out_in(wte.clone(), Some(head_bias), "lm_head")?
+        } else {
+            let weight = w.get("lm_head.weight", &[cfg.vocab_size, d])?;
+            Linear::from_out_in(weight, Some(head_bias), "lm_head")?
+        };
         let rope = Rope::new(
             cfg.rotary_dim,
             ROPE_THETA,

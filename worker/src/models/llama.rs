@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 
 use super::nn::{Linear, causal_attention_capped, embed, extend_kv, merge_heads, split_heads};
-use super::ops::{gelu_mul, silu_mul};
+use super::ops::{gelu_mul, rms_norm, silu_mul};
 use super::rope::{Rope, RopeScaling};
 use crate::error::Result;
 use crate::forward::{Decoder, Dims, LayerKv};
@@ -199,9 +199,14 @@ impl Llama {
         }
         let final_norm = norm("model.norm.weight", d)?;
         let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
-        let head_weight =
-            if tied { embed.clone() } else { w.get("lm_head.weight", &[cfg.vocab_size, d])? };
-        let lm_head = Linear::from_out_in(head_weight, None, "lm_head")?;
+        let lm_head = match tied {
+            true => Linear::shared_out_in(embed.clone(), None, "lm_head")?,
+            false => Linear::from_out_in(
+                w.get("lm_head.weight", &[cfg.vocab_size, d])?,
+                None,
+                "lm_head",
+            )?,
+        };
         let rope = |theta: f32, scaling: &RopeScaling| {
             Rope::new(cfg.rotary_dim, theta, scaling, cfg.max_positions, embed.dtype(), w.device())
         };
@@ -226,7 +231,7 @@ impl Llama {
     }
 
     fn rms_norm(&self, xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&xs.contiguous()?, weight, self.cfg.rms_norm_eps)?)
+        rms_norm(xs, weight, self.cfg.rms_norm_eps)
     }
 
     fn maybe_norm(&self, xs: Tensor, weight: Option<&Tensor>) -> Result<Tensor> {
@@ -311,11 +316,13 @@ impl Decoder for Llama {
         let l = &self.layers[layer];
         let _enter = l.span.enter();
         let h = self.maybe_norm(xs.clone(), l.mlp_norm.as_ref())?;
-        let gate_up = l.mlp.gate_up.forward(&h)?;
         let half = self.cfg.intermediate_size;
         let gated = match self.cfg.activation {
-            GateActivation::Silu => silu_mul(&gate_up, half)?,
-            GateActivation::GeluTanh => gelu_mul(&gate_up, half)?,
+            GateActivation::Silu => match l.mlp.gate_up.forward_silu_mul(&h, half)? {
+                Some(gated) => gated,
+                None => silu_mul(&l.mlp.gate_up.forward(&h)?, half)?,
+            },
+            GateActivation::GeluTanh => gelu_mul(&l.mlp.gate_up.forward(&h)?, half)?,
         };
         l.mlp.down.forward(&gated)
     }

@@ -8,6 +8,7 @@ pub mod matmul;
 pub mod neox;
 pub(crate) mod nn;
 pub(crate) mod ops;
+pub mod packed;
 pub mod rope;
 pub mod rope_config;
 

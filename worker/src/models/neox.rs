@@ -274,12 +274,12 @@ impl GptNeoX {
             });
         }
         let final_layer_norm = LayerNorm::load(w, "gpt_neox.final_layer_norm", d, eps)?;
-        let head_weight = if cfg.tie_word_embeddings || !w.contains("embed_out.weight") {
-            embed_in.clone()
+        let embed_out = if cfg.tie_word_embeddings || !w.contains("embed_out.weight") {
+            Linear::shared_out_in(embed_in.clone(), None, "embed_out")?
         } else {
-            w.get("embed_out.weight", &[cfg.vocab_size, d])?
+            let weight = w.get("embed_out.weight", &[cfg.vocab_size, d])?;
+            Linear::from_out_in(weight, None, "embed_out")?
         };
-        let embed_out = Linear::from_out_in(head_weight, None, "embed_out")?;
         // Tables up to the trained length; longer calls (dynamic NTK) compute their own.
         let rope = Rope::new(
             cfg.rotary_dim,

@@ -1,9 +1,12 @@
 //! Building blocks shared by the model families: linear layers, causal attention over a
 //! key/value prefix, and the tracing spans around them.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::gpt2::Activation;
+use super::packed::PackedWeight;
 use crate::error::Result;
 use crate::forward::LayerKv;
 use crate::weights::Weights;
@@ -11,25 +14,77 @@ use crate::weights::Weights;
 /// `y = x W + b` with `W` stored as `(in, out)`.
 ///
 /// Hugging Face `Linear` weights are `(out, in)` and GPT-2's `Conv1D` weights are `(in, out)`;
-/// both are kept as an `(in, out)` view of the stored tensor.
-#[derive(Debug, Clone)]
+/// both are kept as an `(in, out)` view of the stored tensor, or, for f32 on a CPU whose
+/// kernel `packed.rs` has, packed once for that kernel (the tensor is then dropped).
+#[derive(Clone)]
 pub(crate) struct Linear {
-    w_in_out: Tensor,
+    w: Weight,
     bias: Option<Tensor>,
     span: tracing::Span,
 }
 
+#[derive(Clone)]
+enum Weight {
+    InOut(Tensor),
+    Packed(Arc<PackedWeight>),
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, (k, n)) = match &self.w {
+            Weight::InOut(w) => ("in-out", w.dims2().unwrap_or_default()),
+            Weight::Packed(p) => ("packed", p.dims()),
+        };
+        write!(f, "Linear({k} -> {n}, {kind}, bias: {})", self.bias.is_some())
+    }
+}
+
 impl Linear {
-    /// From a Hugging Face `Linear` weight `(out, in)`.
+    /// From a Hugging Face `Linear` weight `(out, in)`, packed where the CPU kernel runs.
     pub(crate) fn from_out_in(weight: Tensor, bias: Option<Tensor>, name: &str) -> Result<Self> {
         Self::from_in_out(weight.t()?, bias, name)
     }
 
-    /// From an `(in, out)` weight, e.g. GPT-2's `Conv1D`.
+    /// From an `(in, out)` weight, e.g. GPT-2's `Conv1D`, packed where the CPU kernel runs.
     pub(crate) fn from_in_out(w_in_out: Tensor, bias: Option<Tensor>, name: &str) -> Result<Self> {
-        // A transposed view is kept as is: gemm packs its operands whatever their strides, and a
-        // copy would double the memory of tied embeddings.
-        Ok(Self { w_in_out, bias, span: tracing::trace_span!("linear", name) })
+        let w = match PackedWeight::pack(&w_in_out)? {
+            Some(packed) => Weight::Packed(Arc::new(packed)),
+            None => Weight::InOut(w_in_out),
+        };
+        Ok(Self { w, bias, span: tracing::trace_span!("linear", name) })
+    }
+
+    /// From a weight `(out, in)` that the model keeps for another use too (tied embeddings):
+    /// never packed, since the packed copy would double the memory of the vocabulary's table.
+    pub(crate) fn shared_out_in(weight: Tensor, bias: Option<Tensor>, name: &str) -> Result<Self> {
+        let w = Weight::InOut(weight.t()?);
+        Ok(Self { w, bias, span: tracing::trace_span!("linear", name) })
+    }
+
+    /// `(in, out)`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match &self.w {
+            Weight::InOut(w) => w.dims2()?,
+            Weight::Packed(p) => p.dims(),
+        })
+    }
+
+    /// SwiGLU of the layer's output, `silu(y[…, :half]) · y[…, half:]`, computed as the
+    /// product leaves the kernel where the weight is packed (and there is no bias); `None`
+    /// otherwise, for the caller to take [`Self::forward`] and `ops::silu_mul`.
+    pub(crate) fn forward_silu_mul(&self, xs: &Tensor, half: usize) -> Result<Option<Tensor>> {
+        let (Weight::Packed(p), None) = (&self.w, &self.bias) else { return Ok(None) };
+        let _enter = self.span.enter();
+        let mut dims = xs.dims().to_vec();
+        let in_dim = dims.last().copied().unwrap_or(0);
+        let rows = xs.elem_count() / in_dim.max(1);
+        let Some(ys) = p.matmul_silu_mul(&xs.reshape((rows, in_dim))?, half)? else {
+            return Ok(None);
+        };
+        if let Some(last) = dims.last_mut() {
+            *last = half;
+        }
+        Ok(Some(ys.reshape(dims)?))
     }
 
     /// Applies the layer to `(…, in)`.
@@ -38,14 +93,18 @@ impl Linear {
         let dims = xs.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = xs.elem_count() / in_dim.max(1);
-        let ys = super::matmul::matmul(&xs.reshape((rows, in_dim))?, &self.w_in_out)?;
+        let xs = xs.reshape((rows, in_dim))?;
+        let ys = match &self.w {
+            Weight::InOut(w) => super::matmul::matmul(&xs, w)?,
+            Weight::Packed(p) => p.matmul(&xs)?,
+        };
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
         };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
-            *last = self.w_in_out.dim(1)?;
+            *last = self.dims()?.1;
         }
         Ok(ys.reshape(out_dims)?)
     }
