@@ -8,7 +8,8 @@
 
 use candle_core::{DType, Tensor};
 
-use super::nn::{Linear, causal_attention_capped, embed, extend_kv, merge_heads, split_heads};
+use super::attention::attention_merged;
+use super::nn::{Linear, embed, extend_kv, split_heads};
 use super::ops::{gelu_mul, rms_norm, silu_mul};
 use super::rope::{Rope, RopeScaling};
 use crate::error::Result;
@@ -295,15 +296,9 @@ impl Decoder for Llama {
         let q = rope.apply(&q, pos0)?;
         let k = rope.apply(&k, pos0)?;
         let kv = extend_kv(past, k, v)?;
-        let out = causal_attention_capped(
-            &q,
-            &kv,
-            pos0,
-            cfg.attn_scale,
-            cfg.windows[layer],
-            cfg.attn_softcap,
-        )?;
-        Ok((merge_heads(&out)?, kv))
+        let heads =
+            attention_merged(&q, &kv, pos0, cfg.attn_scale, cfg.windows[layer], cfg.attn_softcap)?;
+        Ok((heads, kv))
     }
 
     fn attn_out(&self, layer: usize, heads: &Tensor) -> Result<Tensor> {

@@ -1,5 +1,6 @@
 //! The model families, one file each, behind one [`Model`] type.
 
+pub(crate) mod attention;
 pub mod gpt2;
 pub mod gptj;
 pub mod llama;
