@@ -16,9 +16,9 @@
 //! within their rounding (tested).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::nn::{causal_attention_capped, merge_heads};
+use super::ops::for_each_task;
 use crate::error::Result;
 use crate::forward::LayerKv;
 
@@ -116,7 +116,7 @@ impl CustomOp3 for Attention {
         let mut dst: Vec<f32> = Vec::with_capacity(b * t_q * n_heads * hd);
         let out = Out(dst.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         let dims = Dims { n_heads, n_kv, t_q, t_k, hd };
-        (0..b * n_kv).into_par_iter().for_each(|task| {
+        for_each_task(b * n_kv, b * n_heads * t_q * t_k * hd, |task| {
             // SAFETY: the task's heads of the output are its own (see `task_avx2`).
             unsafe { self.task(q, k, v, &dims, task / n_kv, task % n_kv, &out) }
         });
@@ -290,6 +290,8 @@ mod tests {
             (2, 6, 2, 4, 5, 24, Some(3), None),
             (2, 4, 1, 6, 2, 13, None, Some(50.0)),
             (1, 2, 2, 1, 7, 8, Some(4), None),
+            // Enough work to run in parallel (the cases above run on the calling thread).
+            (64, 9, 3, 4, 4, 64, None, None),
         ];
         for (b, heads, kv_heads, t_q, pos0, hd, window, softcap) in cases {
             let q = Tensor::randn(0f32, 1.0, (b, heads, t_q, hd), dev)?;

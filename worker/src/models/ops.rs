@@ -216,11 +216,32 @@ fn filled(
     if n == 0 || chunk == 0 {
         return out;
     }
-    out.spare_capacity_mut()[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, c)| fill(i, c));
+    let out_chunks = &mut out.spare_capacity_mut()[..n];
+    if n < SERIAL_BELOW {
+        out_chunks.chunks_mut(chunk).enumerate().for_each(|(i, c)| fill(i, c));
+    } else {
+        out_chunks.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| fill(i, c));
+    }
     // SAFETY: every chunk of the first n elements was written by `fill` (its contract; the
     // callers write each element of their chunk exactly once).
     unsafe { out.set_len(n) };
     out
+}
+
+/// Below this many elements (or multiply-adds, for the products) an operation runs on the
+/// calling thread: waking the pool costs more than it saves, and a tiny model's worker that
+/// woke it for every small operation kept both cores of a 2-core machine busy with spinning
+/// threads (the chaos test's several workers then ran twice as slow).
+pub(crate) const SERIAL_BELOW: usize = 1 << 15;
+
+/// Runs `f` on tasks `0..tasks`, in parallel when the work they share (in elements or
+/// multiply-adds) is at least [`SERIAL_BELOW`].
+pub(crate) fn for_each_task(tasks: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
+    if work < SERIAL_BELOW {
+        (0..tasks).for_each(f);
+    } else {
+        (0..tasks).into_par_iter().for_each(f);
+    }
 }
 
 struct SiluMul {
@@ -351,12 +372,13 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         // Row lengths with and without a tail past the eight lanes; scales far apart.
         for d in [1usize, 7, 8, 64, 576, 1003] {
-            let n = 5 * 3 * d;
+            // 40 × 3 rows: serial for short rows, in parallel from d = 576 on.
+            let n = 40 * 3 * d;
             let xs: Vec<f32> = (0..n)
                 .map(|i| (rng.random::<f32>() - 0.5) * 10f32.powi((i % 7) as i32 - 3))
                 .collect();
             let ws: Vec<f32> = (0..d).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
-            let x = Tensor::from_vec(xs, (5, 3, d), &Device::Cpu)?;
+            let x = Tensor::from_vec(xs, (40, 3, d), &Device::Cpu)?;
             let w = Tensor::from_vec(ws, d, &Device::Cpu)?;
             // A view whose rows are not contiguous is copied first.
             let x_t = x.transpose(0, 1)?;

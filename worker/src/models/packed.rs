@@ -19,9 +19,8 @@
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::ops::silu_mul_row;
+use super::ops::{for_each_task, silu_mul_row};
 use crate::error::Result;
 
 /// Columns of a panel: two AVX2 registers of f32, one cache line.
@@ -169,7 +168,7 @@ impl CustomOp1 for PackedMatmul<'_> {
         }
         let out = Out(dst.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         let (row_tasks, col_tasks) = (m.div_ceil(MB), width.div_ceil(NB));
-        (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
+        for_each_task(row_tasks * col_tasks, m * k * n, |task| {
             let (r0, c0) = ((task / col_tasks) * MB, (task % col_tasks) * NB);
             let (rows, cols) = (MB.min(m - r0), NB.min(width - c0));
             // SAFETY: the tasks' output rectangles are disjoint and inside the m × width
