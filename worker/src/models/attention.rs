@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::nn::{causal_attention_capped, merge_heads};
 use super::ops::for_each_task;
+use super::packed::Out;
 use crate::error::Result;
 use crate::forward::LayerKv;
 
@@ -64,11 +65,6 @@ struct Attention {
     window: Option<usize>,
     softcap: Option<f32>,
 }
-
-/// The output's first element, shared by the tasks, which write disjoint heads of it.
-struct Out(*mut f32);
-// SAFETY: each task writes only its own heads' slices of the output (see `cpu_fwd`).
-unsafe impl Sync for Out {}
 
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {

@@ -187,9 +187,10 @@ impl CustomOp1 for PackedMatmul<'_> {
     }
 }
 
-/// The output's first element, shared by the tasks, which write disjoint rectangles of it.
-struct Out(*mut f32);
-// SAFETY: the tasks write disjoint parts of the output (see `cpu_fwd`).
+/// An output's first element, shared by parallel tasks that each write their own disjoint
+/// part of it (here rectangles; attention's heads in `attention.rs`).
+pub(crate) struct Out(pub(crate) *mut f32);
+// SAFETY: every user hands each task a part of the output no other task writes.
 unsafe impl Sync for Out {}
 
 /// Rows `r0..r0 + rows` × columns `c0..c0 + cols` of the product (c0 a multiple of 16).
