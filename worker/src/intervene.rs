@@ -24,6 +24,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::error::{Result, bail_request};
+use crate::models::copies;
 
 /// A place in the network whose state can be captured or overwritten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -250,18 +251,21 @@ fn flatten_values(
     Ok(values.reshape((n_rows * n_tokens, d))?)
 }
 
-/// Overwrites rows `index` of the flattened state with `values`: an exact copy, so writing a
-/// state's own value back changes nothing, bit for bit.
-fn overwrite(xs: &Tensor, index: &FlatIndex, values: &Tensor) -> Result<Tensor> {
+/// Overwrites rows `index` of the flattened state with `values` (the parts stacked): an exact
+/// copy, so writing a state's own value back changes nothing, bit for bit. Filled in parallel
+/// ([`copies::overwrite_rows`]); a row written twice keeps its last value.
+fn overwrite(xs: &Tensor, index: &FlatIndex, values: &[&Tensor]) -> Result<Tensor> {
     let (b_sz, seq_len, d) = xs.dims3()?;
     let flat = xs.reshape((b_sz * seq_len, d))?;
-    let idx = index
-        .tensor(xs.device())?
-        .unsqueeze(1)?
-        .broadcast_as((index.indices.len(), d))?
-        .contiguous()?;
-    let values = values.to_dtype(xs.dtype())?.contiguous()?;
-    Ok(flat.scatter(&idx, &values, 0)?.reshape((b_sz, seq_len, d))?)
+    Ok(copies::overwrite_rows(&flat, &index.indices, values)?.reshape((b_sz, seq_len, d))?)
+}
+
+/// [`overwrite`] as one candle scatter: the plain path of [`apply_patches_in_order`].
+fn overwrite_plain(xs: &Tensor, index: &FlatIndex, values: &Tensor) -> Result<Tensor> {
+    let (b_sz, seq_len, d) = xs.dims3()?;
+    let flat = xs.reshape((b_sz * seq_len, d))?;
+    let out = copies::overwrite_rows_reference(&flat, &index.indices, &[values])?;
+    Ok(out.reshape((b_sz, seq_len, d))?)
 }
 
 /// Applies an embedding edit to token embeddings `xs` of shape `(b_sz, seq_len, d)`.
@@ -280,7 +284,7 @@ pub(crate) fn apply_embed_edit(xs: &Tensor, edit: &EmbedEdit) -> Result<Tensor> 
             (current.to_dtype(wide)? + values.to_dtype(wide)?)?
         }
     };
-    overwrite(xs, &index, &new)
+    overwrite(xs, &index, &[&new])
 }
 
 /// The dtype an addition of `a` and `b` is computed in: the wider of the two.
@@ -289,7 +293,7 @@ fn promote(a: DType, b: DType) -> DType {
 }
 
 /// Applies every patch of `site` to the state `xs` (`(b_sz, seq_len, d)`, first token at `pos0`).
-/// Patches that write disjoint places are applied in one scatter: each overwrite copies the
+/// Patches that write disjoint places are applied in one overwrite: each overwrite copies the
 /// whole state, and a batch of many restored tokens has a patch per (site, token). Patches
 /// that overlap are applied one by one in order, the last one winning, as
 /// [`apply_patches_in_order`] does (the reference; a test holds the two equal).
@@ -299,17 +303,19 @@ pub(crate) fn apply_patches(
     patches: &[Patch],
     pos0: usize,
 ) -> Result<Tensor> {
-    let (indices, mut values) = patch_parts(&xs, site, patches, pos0)?;
-    let values = match values.len() {
+    let (indices, values) = patch_parts(&xs, site, patches, pos0)?;
+    match values.len() {
         0 => return Ok(xs),
         // One patch: one overwrite, as in order.
-        1 => values.swap_remove(0),
+        1 => {}
+        // Overlapping patches: in order (the parallel overwrite would agree on the CPU, but a
+        // scatter elsewhere does not promise which duplicate wins).
         _ if !all_distinct(&indices, xs.elem_count() / xs.dim(2)?) => {
             return apply_patches_in_order(xs, site, patches, pos0);
         }
-        _ => Tensor::cat(&values, 0)?,
-    };
-    overwrite(&xs, &FlatIndex { indices }, &values)
+        _ => {}
+    }
+    overwrite(&xs, &FlatIndex { indices }, &values.iter().collect::<Vec<_>>())
 }
 
 /// Whether no flat index (each below `len`) occurs twice: a bitmap, one pass.
@@ -358,7 +364,7 @@ pub(crate) fn apply_patches_in_order(
         let index =
             FlatIndex::new(&what, &patch.rows, patch.tokens.iter().copied(), b_sz, pos0, seq_len)?;
         let values = flatten_values(&what, &patch.values, patch.rows.len(), patch.tokens.len(), d)?;
-        xs = overwrite(&xs, &index, &values)?;
+        xs = overwrite_plain(&xs, &index, &values)?;
     }
     Ok(xs)
 }
@@ -389,7 +395,7 @@ pub(crate) fn apply_copies(
             xs.reshape((b_sz * seq_len, d))?.index_select(&source.tensor(xs.device())?, 0)?;
         let values =
             flatten_values(&what, &values.unsqueeze(0)?, copy.rows.len(), copy.tokens.len(), d)?;
-        xs = overwrite(&xs, &index, &values)?;
+        xs = overwrite(&xs, &index, &[&values])?;
     }
     Ok(xs)
 }

@@ -1,6 +1,7 @@
 //! The model families, one file each, behind one [`Model`] type.
 
 pub(crate) mod attention;
+pub(crate) mod copies;
 pub mod gpt2;
 pub mod gptj;
 pub mod llama;

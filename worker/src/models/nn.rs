@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::copies;
 use super::gpt2::Activation;
 use super::packed::PackedWeight;
 use crate::error::Result;
@@ -198,7 +199,7 @@ pub(crate) fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 pub(crate) fn extend_kv(past: Option<&LayerKv>, k: Tensor, v: Tensor) -> Result<LayerKv> {
     Ok(match past {
         Some(past) if !past.is_empty() => {
-            LayerKv { k: Tensor::cat(&[&past.k, &k], 2)?, v: Tensor::cat(&[&past.v, &v], 2)? }
+            LayerKv { k: copies::cat(&[&past.k, &k], 2)?, v: copies::cat(&[&past.v, &v], 2)? }
         }
         _ => LayerKv { k, v },
     })

@@ -207,7 +207,7 @@ impl CustomOp1 for SwapAxes12 {
 /// `fill(chunk index, chunk)`, which must write every element of its chunk. Not zeroed first:
 /// with freed activations kept by the allocator, zeroing is a memset of the whole output on
 /// the calling thread.
-fn filled(
+pub(crate) fn filled(
     n: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,

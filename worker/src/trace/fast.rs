@@ -39,7 +39,7 @@ use super::{FactInput, FactTrace, MetricTables, Outcome, Prepared, Runs, TraceOp
 use crate::error::{Error, Result};
 use crate::forward::{ForwardOutput, ForwardRequest, KvCache, LayerKv, Logits, Start};
 use crate::intervene::{EmbedEdit, Interventions, Patch, Site};
-use crate::models::Model;
+use crate::models::{Model, copies};
 use crate::tokenizer::Tokenizer;
 
 /// Where a state is captured: a single head is a slice of the layer's heads.
@@ -426,7 +426,7 @@ impl Job<'_> {
             if join.checked_sub(1).map(State::Block) == Some(state) {
                 let first = widen(value)?;
                 hidden = if t + 1 < self.t_len {
-                    Tensor::cat(&[&first, &hidden.narrow(1, 1, self.t_len - t - 1)?], 1)?
+                    copies::cat(&[&first, &hidden.narrow(1, 1, self.t_len - t - 1)?], 1)?
                 } else {
                     first
                 };
@@ -436,9 +436,9 @@ impl Job<'_> {
         }
         if start < t {
             let before = widen(at.before.entering_span(join, start, t - start)?)?;
-            hidden = Tensor::cat(&[&before, &hidden], 1)?;
+            hidden = copies::cat(&[&before, &hidden], 1)?;
         }
-        let hidden = hidden.contiguous()?;
+        let hidden = copies::contiguous(&hidden)?;
         patches.extend(self.frozen_patches(kind, t, join)?);
         Ok(Entry { kind, cell, base: base_index, join, hidden, patches })
     }
@@ -494,7 +494,7 @@ fn layer_patches(
     by_site
         .into_iter()
         .map(|((site, t), (rows, parts))| {
-            let values = Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)?;
+            let values = copies::cat(&parts.iter().collect::<Vec<_>>(), 0)?;
             Ok(Patch { site, rows, tokens: vec![t], values })
         })
         .collect()
@@ -512,7 +512,7 @@ fn join(xs: &mut Option<Tensor>, entries: &[Entry], joined: usize, layer: usize)
         parts.push(current);
     }
     parts.extend(joining.iter().copied());
-    *xs = Some(Tensor::cat(&parts, 0)?);
+    *xs = Some(copies::cat(&parts, 0)?);
     Ok(joining.len())
 }
 
@@ -541,5 +541,6 @@ fn stack_past(
         vs.extend(std::iter::repeat_n(v, copies));
         i += run;
     }
-    Ok(LayerKv { k: Tensor::cat(&ks, 0)?, v: Tensor::cat(&vs, 0)? })
+    let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) = (ks.iter().collect(), vs.iter().collect());
+    Ok(LayerKv { k: copies::cat(&ks, 0)?, v: copies::cat(&vs, 0)? })
 }
