@@ -291,13 +291,13 @@ fn check_metrics(
     if result.foil_id == result.answer_id {
         return Err(ResultError::Metric(format!("foil {} is the answer", result.foil_id)));
     }
-    if ctx.experiment.is_str() {
-        if let Some(d) = result.donor.as_ref().filter(|d| d.foil_id != result.foil_id) {
-            return Err(ResultError::Metric(format!(
-                "foil {} is not the donor's {}",
-                result.foil_id, d.foil_id
-            )));
-        }
+    if ctx.experiment.is_str()
+        && let Some(d) = result.donor.as_ref().filter(|d| d.foil_id != result.foil_id)
+    {
+        return Err(ResultError::Metric(format!(
+            "foil {} is not the donor's {}",
+            result.foil_id, d.foil_id
+        )));
     }
     Ok((clean, corrupted))
 }

@@ -51,10 +51,10 @@ pub async fn run(args: RunArgs, log_json: bool) -> anyhow::Result<()> {
     let sweep_id = args.sweep_id.clone().unwrap_or_else(|| settings.default_sweep_id());
     let (out, injected) = open_output(&args, &sweep_id)?;
     let previous = retry("reading the manifest", give_up, || manifest::read(&out)).await?;
-    if let Some(m) = &previous {
-        if !resume_allowed(m, &settings, &out, &args)? {
-            return Ok(());
-        }
+    if let Some(m) = &previous
+        && !resume_allowed(m, &settings, &out, &args)?
+    {
+        return Ok(());
     }
     // Replay only reads and deletes uncommitted files, so it can be repeated.
     let replayed = retry("replaying the journal", give_up, || journal::replay(&out)).await?;
@@ -140,10 +140,10 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
     if args.storage_give_up_secs.is_nan() || args.storage_give_up_secs < 0.0 {
         bail!("--storage-give-up-secs must not be negative");
     }
-    if let Some(id) = &args.sweep_id {
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            bail!("--sweep-id {id:?}: use letters, digits, '.', '_' and '-'");
-        }
+    if let Some(id) = &args.sweep_id
+        && (id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)))
+    {
+        bail!("--sweep-id {id:?}: use letters, digits, '.', '_' and '-'");
     }
     Ok(())
 }

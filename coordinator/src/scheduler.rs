@@ -180,10 +180,10 @@ impl Scheduler {
     /// after a resume match those of an uninterrupted run.
     pub fn mark_given_up(&mut self, ids: &std::collections::HashSet<String>) {
         for id in ids {
-            if let Some(&i) = self.index.get(id) {
-                if self.jobs[i].status == Status::Done {
-                    self.jobs[i].status = Status::Failed;
-                }
+            if let Some(&i) = self.index.get(id)
+                && self.jobs[i].status == Status::Done
+            {
+                self.jobs[i].status = Status::Failed;
             }
         }
     }

@@ -165,11 +165,11 @@ impl Shared {
     /// Records the model's shape from a registration: the first one creates the trace jobs,
     /// later ones must agree.
     pub fn set_model(&self, n_layers: u32, n_heads: u32) -> Result<(), SweepError> {
-        if let Some(&known) = self.n_heads.get() {
-            if known != n_heads {
-                let what = "heads per layer";
-                return Err(SweepError::ShapeDiffers { what, known, reported: n_heads });
-            }
+        if let Some(&known) = self.n_heads.get()
+            && known != n_heads
+        {
+            let what = "heads per layer";
+            return Err(SweepError::ShapeDiffers { what, known, reported: n_heads });
         }
         self.set_n_layers(n_layers)?;
         let geometry = Geometry { n_layers: n_layers as usize, n_heads: n_heads as usize };

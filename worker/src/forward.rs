@@ -398,12 +398,12 @@ fn record_heads(
     pos0: usize,
 ) -> Result<()> {
     for (slot, capture) in captures.iter_mut().zip(&iv.captures) {
-        if let Site::Head(l, h) = capture.site {
-            if l == layer {
-                let head_dim = heads.dim(2)? / n_heads.max(1);
-                let one = heads.narrow(2, h * head_dim, head_dim)?;
-                *slot = Some(intervene::read_capture(&one, capture, pos0)?);
-            }
+        if let Site::Head(l, h) = capture.site
+            && l == layer
+        {
+            let head_dim = heads.dim(2)? / n_heads.max(1);
+            let one = heads.narrow(2, h * head_dim, head_dim)?;
+            *slot = Some(intervene::read_capture(&one, capture, pos0)?);
         }
     }
     Ok(())
@@ -415,10 +415,10 @@ fn validate_sites(iv: &Interventions, dims: &Dims) -> Result<()> {
         if let Some(layer) = site.layer().filter(|&l| l >= n_layers) {
             bail_request!("{site:?}: layer {layer} is beyond the model's {n_layers} layers");
         }
-        if let Site::Head(_, h) = site {
-            if h >= dims.n_heads {
-                bail_request!("{site:?}: the model has {} heads per layer", dims.n_heads);
-            }
+        if let Site::Head(_, h) = site
+            && h >= dims.n_heads
+        {
+            bail_request!("{site:?}: the model has {} heads per layer", dims.n_heads);
         }
     }
     if iv.patches.iter().any(|p| p.site == Site::Embed)

@@ -7,12 +7,12 @@ use worker::cli::{Cli, Command, run_noise_level, run_predict, run_serve, run_tra
 fn main() -> std::process::ExitCode {
     worker::cpu::keep_freed_memory();
     let cli = Cli::parse();
-    if let Command::Serve(args) = &cli.command {
-        if let Some(threads) = args.threads {
-            // candle sizes its GEMM parallelism from RAYON_NUM_THREADS. SAFETY: set before
-            // any other thread exists (the async runtime starts later).
-            unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string()) };
-        }
+    if let Command::Serve(args) = &cli.command
+        && let Some(threads) = args.threads
+    {
+        // candle sizes its GEMM parallelism from RAYON_NUM_THREADS. SAFETY: set before
+        // any other thread exists (the async runtime starts later).
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string()) };
     }
     common::process::init_logging(cli.log_json);
     let result = match &cli.command {

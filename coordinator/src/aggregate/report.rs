@@ -221,11 +221,11 @@ fn settings(r: &Report<'_>, h: &mut String) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     flatten("", manifest, &mut rows);
     for (name, value) in &mut rows {
-        if name.ends_with("_unix") {
-            if let Ok(secs) = value.parse::<u64>() {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-                *value = humantime::format_rfc3339_seconds(t).to_string();
-            }
+        if name.ends_with("_unix")
+            && let Ok(secs) = value.parse::<u64>()
+        {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            *value = humantime::format_rfc3339_seconds(t).to_string();
         }
     }
     let lookup: HashMap<&str, &str> = rows.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

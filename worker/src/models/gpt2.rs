@@ -127,7 +127,7 @@ impl RawConfig {
                 return Err(err("activation_function", format!("{other:?} is not implemented")));
             }
         };
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(err(
                 "n_head",
                 format!("{} heads do not divide n_embd {}", self.n_head, self.n_embd),

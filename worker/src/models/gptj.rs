@@ -125,7 +125,7 @@ impl RawConfig {
                 format!("{:?} is not implemented ({ACTIVATIONS})", self.activation_function),
             )
         })?;
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(err(
                 "n_head",
                 format!("{} heads do not divide n_embd {}", self.n_head, self.n_embd),
@@ -135,7 +135,7 @@ impl RawConfig {
         // transformers builds the table over `rotary_dim or n_embd` features and applies it to
         // each head: without rotary_dim that only fits a single head.
         let rotary_dim = self.rotary_dim.unwrap_or(self.n_embd);
-        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             return Err(err(
                 "rotary_dim",
                 format!(

@@ -239,7 +239,7 @@ impl RawConfig {
         let n_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if self.num_attention_heads == 0
             || n_kv_heads == 0
-            || self.num_attention_heads % n_kv_heads != 0
+            || !self.num_attention_heads.is_multiple_of(n_kv_heads)
         {
             return Err(err(
                 "num_key_value_heads",
@@ -250,7 +250,7 @@ impl RawConfig {
             ));
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(err("head_dim", format!("{head_dim} is not a positive even number")));
         }
         let (global, local_rope) = self.ropes(&model_type, head_dim, source)?;

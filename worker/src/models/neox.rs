@@ -146,7 +146,9 @@ impl RawConfig {
         let activation = activation(&self.hidden_act).ok_or_else(|| {
             err("hidden_act", format!("{:?} is not implemented ({ACTIVATIONS})", self.hidden_act))
         })?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(err(
                 "num_attention_heads",
                 format!(

@@ -128,7 +128,7 @@ pub fn rope_parameters(
     scaling: &RopeScaling,
     seq_len: Option<usize>,
 ) -> Result<(Vec<f32>, f64)> {
-    if dim == 0 || dim % 2 != 0 {
+    if dim == 0 || !dim.is_multiple_of(2) {
         return Err(Error::Request(format!("rotary width {dim} is not a positive even number")));
     }
     let half = dim / 2;
@@ -353,10 +353,10 @@ impl Rope {
             RopeScaling::LongRope { .. } => cached_len >= len,
             _ => cached_len == len,
         };
-        if let Some((cached_len, cos, sin)) = cached.as_ref() {
-            if reusable(*cached_len) {
-                return Ok((cos.clone(), sin.clone()));
-            }
+        if let Some((cached_len, cos, sin)) = cached.as_ref()
+            && reusable(*cached_len)
+        {
+            return Ok((cos.clone(), sin.clone()));
         }
         debug_assert!(len > threshold);
         let (inv_freq, attention_factor) =
