@@ -11,6 +11,7 @@ pub mod neox;
 pub(crate) mod nn;
 pub(crate) mod ops;
 pub mod packed;
+pub(crate) mod packed_kernels;
 pub mod rope;
 pub mod rope_config;
 

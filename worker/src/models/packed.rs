@@ -5,11 +5,12 @@
 //! 3072 weight that is 7 MB read and written per 512 rows, about 5% of a fast trace's samples
 //! on a 2-core AMD EPYC (Zen 3). A layer's weight never changes, so here it is packed once:
 //! panels of [`NR`] output columns, each stored `k` rows deep and contiguous, zero-padded
-//! past the last column. The kernel keeps an [`MR`] × 16 tile of the output in twelve AVX2
-//! registers, and for each step of the sum loads one row of the panel and broadcasts one
-//! value of each of the tile's rows of `x`, which it reads in place (row-major, as the
-//! activations are). The work is split into tasks of up to [`MB`] rows × [`NB`] columns run
-//! in parallel; in a task the rows of `x` stay in L2 while the panels stream past them.
+//! past the last column. The register kernels (`packed_kernels.rs`: AVX2 + FMA, and AVX-512
+//! where the CPU has it) keep a tile of the output in registers, and for each step of the
+//! sum load one line of a panel and broadcast one value of each of the tile's rows of `x`,
+//! which they read in place (row-major, as the activations are). The work is split into
+//! tasks of a few dozen rows × up to 1536 columns ([`Isa::task`]) run in parallel; in a
+//! task the rows of `x` stay in cache while the panels stream past them.
 //!
 //! The sum over `k` runs in order, in one chain of fused multiply-adds per output (as
 //! gemm's does within a block of the sum), so the result differs from candle's matmul only
@@ -21,17 +22,14 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::ops::{for_each_task, silu_mul_row};
+pub use super::packed_kernels::Isa;
+use super::packed_kernels::{tile, tile_silu};
 use crate::error::Result;
 
-/// Columns of a panel: two AVX2 registers of f32, one cache line.
-const NR: usize = 16;
-/// Rows of the output tile the kernel keeps in registers (12 accumulators of 16).
-const MR: usize = 6;
-/// Rows of a task: its rows of `x` (MB × k) stay in a core's L2 across the panels.
+/// Columns of a panel: two AVX2 registers of f32, one AVX-512 register, one cache line.
+pub(crate) const NR: usize = 16;
+/// The most rows of any task ([`Isa::task`]): the scratch's height.
 const MB: usize = 96;
-/// Columns of a task: enough tasks for every core on a short input, and a task's panels
-/// read once per task.
-const NB: usize = 768;
 
 /// One panel row: 16 floats on one cache line.
 #[derive(Clone, Copy)]
@@ -44,21 +42,32 @@ pub struct PackedWeight {
     k: usize,
     n: usize,
     lines: Vec<Line>,
+    /// The kernel that multiplies by it.
+    isa: Isa,
 }
 
 impl PackedWeight {
-    /// Packs `w` `(k, n)` (any strides), or `None` where the packed kernel does not run: not
-    /// an f32 CPU tensor, or a CPU without AVX2 and FMA, or one with AVX-512, where gemm's
-    /// AVX-512 kernels are faster than this AVX2 one.
+    /// Packs `w` `(k, n)` (any strides) for the fastest kernel this CPU runs, or `None`
+    /// where none runs: not an f32 CPU tensor, or a CPU without AVX2 and FMA.
     pub fn pack(w: &Tensor) -> Result<Option<Self>> {
-        if !(w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2 && kernel_runs()) {
-            return Ok(None);
+        match Isa::available().first() {
+            Some(&isa) => Self::pack_for(w, isa),
+            None => Ok(None),
         }
-        Ok(Some(Self::pack_f32(w)?))
     }
 
-    /// Packs an f32 `(k, n)` tensor, whatever the CPU.
-    fn pack_f32(w: &Tensor) -> Result<Self> {
+    /// Packs `w` for the kernel of `isa` (benchmarks and tests compare the kernels), or
+    /// `None` where it does not run: not an f32 CPU tensor, or a CPU without `isa`.
+    pub fn pack_for(w: &Tensor, isa: Isa) -> Result<Option<Self>> {
+        let fits = w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2;
+        if !(fits && Isa::available().contains(&isa)) {
+            return Ok(None);
+        }
+        Ok(Some(Self::pack_f32(w, isa)?))
+    }
+
+    /// Packs an f32 `(k, n)` tensor for `isa` (which the caller has checked the CPU runs).
+    fn pack_f32(w: &Tensor, isa: Isa) -> Result<Self> {
         let (k, n) = w.dims2()?;
         let values = w.flatten_all()?.to_vec1::<f32>()?;
         let panels = n.div_ceil(NR);
@@ -70,7 +79,12 @@ impl PackedWeight {
                 line.0[..cols.len()].copy_from_slice(cols);
             }
         }
-        Ok(Self { k, n, lines })
+        Ok(Self { k, n, lines, isa })
+    }
+
+    /// The kernel that multiplies by this weight.
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 
     /// `(k, n)`.
@@ -94,7 +108,7 @@ impl PackedWeight {
     /// `(m, 2·half)` product is never written out and read back: equal bit for bit to
     /// [`Self::matmul`] followed by `ops::silu_mul` (tested).
     pub fn matmul_silu_mul(&self, xs: &Tensor, half: usize) -> Result<Option<Tensor>> {
-        if half == 0 || half % NR != 0 || self.n != 2 * half {
+        if half == 0 || !half.is_multiple_of(NR) || self.n != 2 * half {
             return Ok(None);
         }
         let xs = match xs.stride() {
@@ -115,18 +129,6 @@ impl PackedWeight {
         }
         Ok(Tensor::from_vec(values, (self.k, self.n), &candle_core::Device::Cpu)?)
     }
-}
-
-/// Whether this CPU runs the packed kernel: AVX2 and FMA, and no AVX-512.
-fn kernel_runs() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && !std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 struct PackedMatmul<'a> {
@@ -167,18 +169,14 @@ impl CustomOp1 for PackedMatmul<'_> {
             return Ok((CpuStorage::F32(dst), Shape::from((m, width))));
         }
         let out = Out(dst.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        let (row_tasks, col_tasks) = (m.div_ceil(MB), width.div_ceil(NB));
-        for_each_task(row_tasks * col_tasks, m * k * n, |task| {
-            let (r0, c0) = ((task / col_tasks) * MB, (task % col_tasks) * NB);
-            let (rows, cols) = (MB.min(m - r0), NB.min(width - c0));
+        let (mb, nb) = self.w.isa.task();
+        let (row_tasks, col_tasks) = (m.div_ceil(mb), width.div_ceil(nb));
+        for_each_task(row_tasks * col_tasks, m * k * n, |t| {
+            let (r0, c0) = ((t / col_tasks) * mb, (t % col_tasks) * nb);
+            let (rows, cols) = (mb.min(m - r0), nb.min(width - c0));
             // SAFETY: the tasks' output rectangles are disjoint and inside the m × width
             // output; x's rows r0..r0 + rows are inside its buffer (checked above).
-            unsafe {
-                match self.silu_half {
-                    Some(_) => task_silu_mul(x, lda, self.w, r0, rows, c0, cols, &out),
-                    None => task_product(x, lda, self.w, r0, rows, c0, cols, &out),
-                }
-            };
+            unsafe { task(x, lda, self.w, self.silu_half.is_some(), r0, rows, c0, cols, &out) };
         });
         // SAFETY: the tasks cover every row and column of the output, and each writes
         // every element of its rectangle.
@@ -193,17 +191,25 @@ pub(crate) struct Out(pub(crate) *mut f32);
 // SAFETY: every user hands each task a part of the output no other task writes.
 unsafe impl Sync for Out {}
 
-/// Rows `r0..r0 + rows` × columns `c0..c0 + cols` of the product (c0 a multiple of 16).
+/// Rows `r0..r0 + rows` × columns `c0..c0 + cols` (c0 a multiple of 16) of the output:
+/// the product (`n` columns), or with `silu` SwiGLU's (`n / 2` columns, a multiple of 16).
+///
+/// A step takes one tile's panels (two adjacent ones on AVX-512; for SwiGLU a gate panel
+/// and its up panel) past every tile of the task's rows. A product's tiles go straight to
+/// the output where their columns are whole, and so do SwiGLU's where the kernel computes
+/// it ([`Isa::fuses_silu`]); the rest go through `scratch`, then out: copied, or for
+/// SwiGLU through `ops::silu_mul_row`, the function the unfused path applies.
 ///
 /// # Safety
-/// The rectangle is inside the output (`n` columns per row) and written by no other task;
-/// rows `r0..r0 + rows` of `x` (row stride `lda`, `k` columns) are inside `x`; the CPU has
-/// AVX2 and FMA.
+/// The rectangle is inside the output and written by no other task; rows `r0..r0 + rows`
+/// (≤ MB) of `x` (row stride `lda`, `k` columns) are inside `x`; `w.isa` is one this CPU
+/// runs.
 #[allow(clippy::too_many_arguments)]
-unsafe fn task_product(
+unsafe fn task(
     x: &[f32],
     lda: usize,
     w: &PackedWeight,
+    silu: bool,
     r0: usize,
     rows: usize,
     c0: usize,
@@ -211,151 +217,59 @@ unsafe fn task_product(
     out: &Out,
 ) {
     let (k, n) = w.dims();
-    for p in c0 / NR..(c0 + cols).div_ceil(NR) {
-        let panel = w.lines[p * k..(p + 1) * k].as_ptr().cast::<f32>();
-        let width = NR.min(n - p * NR);
-        let mut r = r0;
-        while r < r0 + rows {
-            let tile_rows = MR.min(r0 + rows - r);
-            // SAFETY: rows r..r + tile_rows of x and of the output, columns 16p..16p +
-            // width of the output, all inside the task's rectangle (caller's contract).
+    let isa = w.isa;
+    let (half, width) = (n / 2, if silu { n / 2 } else { n });
+    let panel = |p: usize| w.lines[p * k..(p + 1) * k].as_ptr().cast::<f32>();
+    // Two panels of 16 per row of the task.
+    let mut scratch = [Line([0.0; NR]); 2 * MB];
+    let (mut p, end) = (c0 / NR, (c0 + cols).div_ceil(NR));
+    while p < end {
+        let (count, panels) = match (silu, isa.panels().min(end - p)) {
+            (true, _) => (2, [panel(p), panel(p + half / NR)]),
+            (false, 2) => (2, [panel(p), panel(p + 1)]),
+            (false, _) => (1, [panel(p), panel(p)]),
+        };
+        let fused = silu && isa.fuses_silu();
+        let direct = fused || (!silu && (p + count) * NR <= n);
+        let mut r = 0;
+        while r < rows {
+            let now = isa.rows().min(rows - r);
+            // SAFETY: rows r0 + r..r0 + r + now of x are inside it (caller's contract); each
+            // panel has k lines; the output's rows r0 + r.., columns 16p..16p + (16 for
+            // SwiGLU, 16 · count for a product), are inside the task's rectangle when
+            // `direct`, and scratch holds MB ≥ r + now rows of two panels.
             unsafe {
-                let a = x.as_ptr().add(r * lda);
-                let c = out.0.add(r * n + p * NR);
-                tile(tile_rows, k, a, lda, panel, c, n, width);
-            }
-            r += tile_rows;
-        }
-    }
-}
-
-/// Rows `r0..r0 + rows` × columns `c0..c0 + cols` of SwiGLU's output (`n / 2` columns, a
-/// multiple of 16, as is c0): each gate tile and its up tile go through a small buffer into
-/// `ops::silu_mul_row`, the function the unfused path applies to the same values.
-///
-/// # Safety
-/// As [`task_product`], with the output `n / 2` columns wide.
-#[allow(clippy::too_many_arguments)]
-unsafe fn task_silu_mul(
-    x: &[f32],
-    lda: usize,
-    w: &PackedWeight,
-    r0: usize,
-    rows: usize,
-    c0: usize,
-    cols: usize,
-    out: &Out,
-) {
-    let (k, n) = w.dims();
-    let half = n / 2;
-    let mut gate = [Line([0.0; NR]); MR];
-    let mut up = [Line([0.0; NR]); MR];
-    for p in c0 / NR..(c0 + cols) / NR {
-        let panel = |p: usize| w.lines[p * k..(p + 1) * k].as_ptr().cast::<f32>();
-        let (gate_panel, up_panel) = (panel(p), panel(p + half / NR));
-        let mut r = r0;
-        while r < r0 + rows {
-            let tile_rows = MR.min(r0 + rows - r);
-            // SAFETY: rows r..r + tile_rows of x are inside it (caller's contract); the
-            // buffers hold MR rows of 16; the output's row r + i, columns 16p..16p + 16,
-            // is inside the task's rectangle.
-            unsafe {
-                let a = x.as_ptr().add(r * lda);
-                tile(tile_rows, k, a, lda, gate_panel, gate.as_mut_ptr().cast(), NR, NR);
-                tile(tile_rows, k, a, lda, up_panel, up.as_mut_ptr().cast(), NR, NR);
-                for i in 0..tile_rows {
-                    let row = out.0.add((r + i) * half + p * NR);
-                    let o = std::slice::from_raw_parts_mut(row.cast::<MaybeUninit<f32>>(), NR);
-                    silu_mul_row(&gate[i].0, &up[i].0, o);
+                let a = x.as_ptr().add((r0 + r) * lda);
+                let (c, ldc) = match direct {
+                    true => (out.0.add((r0 + r) * width + p * NR), width),
+                    false => (scratch.as_mut_ptr().add(2 * r).cast::<f32>(), 2 * NR),
+                };
+                match fused {
+                    true => tile_silu(isa, now, k, a, lda, panels, c, ldc),
+                    false => tile(isa, now, k, a, lda, count, panels, c, ldc),
                 }
             }
-            r += tile_rows;
+            r += now;
         }
-    }
-}
-
-/// One tile of `rows ≤ MR` rows × `width ≤ 16` columns: `c = a · panel`, over all of `k`.
-///
-/// # Safety
-/// `a` has `rows` rows of `k` readable floats `lda` apart; `panel` has `k` lines of 16;
-/// `c` has `rows` rows of `width` writable floats `ldc` apart; the CPU has AVX2 and FMA.
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    rows: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    panel: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    width: usize,
-) {
-    // SAFETY (all arms): the caller's contract, with the row count the kernel is made for.
-    unsafe {
-        match rows {
-            6 => kernel::<6>(k, a, lda, panel, c, ldc, width),
-            5 => kernel::<5>(k, a, lda, panel, c, ldc, width),
-            4 => kernel::<4>(k, a, lda, panel, c, ldc, width),
-            3 => kernel::<3>(k, a, lda, panel, c, ldc, width),
-            2 => kernel::<2>(k, a, lda, panel, c, ldc, width),
-            _ => kernel::<1>(k, a, lda, panel, c, ldc, width),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn kernel<const R: usize>(
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    panel: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    width: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for i in 0..k {
-        // SAFETY: i < k, so the panel line and every row's value are inside (contract).
-        unsafe {
-            let b0 = _mm256_load_ps(panel.add(i * NR));
-            let b1 = _mm256_load_ps(panel.add(i * NR + 8));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*a.add(r * lda + i));
-                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+        let done = if silu { NR } else { (count * NR).min(n - p * NR) };
+        for (r, lines) in scratch.chunks_exact(2).take(if direct { 0 } else { rows }).enumerate() {
+            // SAFETY: the output's row r0 + r, columns 16p..16p + done, is inside the task's
+            // rectangle (caller's contract).
+            unsafe {
+                let row = out.0.add((r0 + r) * width + p * NR).cast::<MaybeUninit<f32>>();
+                let row = std::slice::from_raw_parts_mut(row, done);
+                if silu {
+                    silu_mul_row(&lines[0].0, &lines[1].0, row);
+                } else {
+                    let sums = std::slice::from_raw_parts(lines.as_ptr().cast::<f32>(), done);
+                    for (o, s) in row.iter_mut().zip(sums) {
+                        o.write(*s);
+                    }
+                }
             }
         }
+        p += if silu { 1 } else { count };
     }
-    for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: row r < rows of the output tile, `width` floats of it (contract).
-        unsafe {
-            let row = c.add(r * ldc);
-            if width == NR {
-                _mm256_storeu_ps(row, acc[0]);
-                _mm256_storeu_ps(row.add(8), acc[1]);
-            } else {
-                let mut line = [0f32; NR];
-                _mm256_storeu_ps(line.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(line.as_mut_ptr().add(8), acc[1]);
-                std::ptr::copy_nonoverlapping(line.as_ptr(), row, width);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel<const R: usize>(
-    _k: usize,
-    _a: *const f32,
-    _lda: usize,
-    _panel: *const f32,
-    _c: *mut f32,
-    _ldc: usize,
-    _width: usize,
-) {
-    unreachable!("the packed kernel runs on x86-64 only (`kernel_runs`)")
 }
 
 #[cfg(test)]
@@ -371,71 +285,83 @@ mod tests {
     #[test]
     fn equals_candles_matmul_within_a_dot_products_rounding() -> Result<()> {
         let dev = &Device::Cpu;
-        #[cfg(target_arch = "x86_64")]
-        let has_kernel = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let has_kernel = false;
-        if !has_kernel {
+        if Isa::available().is_empty() {
             let w = Tensor::zeros((4, 4), DType::F32, dev)?;
             assert!(PackedWeight::pack(&w)?.is_none(), "no kernel, no packing");
             return Ok(());
         }
-        // Tiles with 1–6 rows, panels cut short (n not a multiple of 16), more than one
-        // task of rows and of columns, k from 1 to the MLP's.
+        let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        // Tiles with 1–12 rows, panels cut short (n not a multiple of 16), an odd number of
+        // panels (a one-panel tile on AVX-512), tiles stored in place and through the
+        // scratch, more than one task of rows and of columns, k from 1 to the MLP's.
         for (m, k, n) in [
             (1, 1, 1),
             (5, 7, 3),
             (7, 33, 17),
+            (11, 20, 33),
             (13, 576, 40),
             (100, 64, 800),
             (197, 130, 771),
             (200, 1536, 48),
+            (61, 24, 1601),
         ] {
             let w_out_in = Tensor::randn(0f32, 1.0, (n, k), dev)?;
             let w = w_out_in.t()?;
-            let packed = PackedWeight::pack_f32(&w)?;
-            assert_eq!(packed.dims(), (k, n));
-            let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-            assert_eq!(bits(&packed.reference()?)?, bits(&w)?, "packing loses nothing");
             // Rows in place (a narrowed input) and a view whose rows are not contiguous.
             let x = Tensor::randn(0f32, 1.0, (m + 2, k), dev)?.i(1..m + 1)?;
             let x_t = Tensor::randn(0f32, 1.0, (k, m), dev)?.t()?;
-            for x in [x, x_t] {
-                let fast = packed.matmul(&x)?;
-                assert_eq!(fast.dims(), &[m, n]);
-                let reference = super::super::matmul::matmul_reference(&x, &w)?;
-                let abs = |t: &Tensor| t.abs().and_then(|t| t.to_dtype(DType::F64));
-                let magnitude = abs(&x)?.matmul(&abs(&w)?)?.flatten_all()?.to_vec1::<f64>()?;
-                let u = f64::from(f32::EPSILON) / 2.0;
-                let gamma = k as f64 * u / (1.0 - k as f64 * u);
-                let (fast, reference) = (bits(&fast)?, bits(&reference)?);
-                for (i, ((a, b), s)) in fast.iter().zip(&reference).zip(&magnitude).enumerate() {
-                    let diff = (f64::from(*a) - f64::from(*b)).abs();
-                    assert!(
-                        diff <= 2.0 * gamma * s,
-                        "{m}x{k}x{n} at ({}, {}): {a} against {b}",
-                        i / n,
-                        i % n
-                    );
+            let mut products = Vec::new();
+            for isa in Isa::available() {
+                let packed = PackedWeight::pack_f32(&w, isa)?;
+                assert_eq!(packed.dims(), (k, n));
+                assert_eq!(bits(&packed.reference()?)?, bits(&w)?, "packing loses nothing");
+                for x in [&x, &x_t] {
+                    let fast = packed.matmul(x)?;
+                    assert_eq!(fast.dims(), &[m, n]);
+                    let reference = super::super::matmul::matmul_reference(x, &w)?;
+                    let abs = |t: &Tensor| t.abs().and_then(|t| t.to_dtype(DType::F64));
+                    let magnitude = abs(x)?.matmul(&abs(&w)?)?.flatten_all()?.to_vec1::<f64>()?;
+                    let u = f64::from(f32::EPSILON) / 2.0;
+                    let gamma = k as f64 * u / (1.0 - k as f64 * u);
+                    let (fast, reference) = (bits(&fast)?, bits(&reference)?);
+                    for (i, ((a, b), s)) in fast.iter().zip(&reference).zip(&magnitude).enumerate()
+                    {
+                        let diff = (f64::from(*a) - f64::from(*b)).abs();
+                        assert!(
+                            diff <= 2.0 * gamma * s,
+                            "{isa:?} {m}x{k}x{n} at ({}, {}): {a} against {b}",
+                            i / n,
+                            i % n
+                        );
+                    }
                 }
+                products.push((isa, bits(&packed.matmul(&x)?)?));
+            }
+            // Every kernel sums each output in the order of k with fused multiply-adds, so
+            // they agree bit for bit.
+            for (isa, product) in &products[1..] {
+                assert_eq!(product, &products[0].1, "{isa:?} against {:?}", products[0].0);
             }
         }
         // SwiGLU fused into the product: equal bit for bit to the product, then silu_mul;
         // halves that are not whole panels are left to the caller.
-        for (m, k, half) in [(1, 5, 16), (13, 576, 48), (197, 64, 784)] {
-            let packed = PackedWeight::pack_f32(&Tensor::randn(0f32, 1.0, (k, 2 * half), dev)?)?;
-            let x = Tensor::randn(0f32, 1.0, (m, k), dev)?;
-            let fused = packed.matmul_silu_mul(&x, half)?.expect("whole panels");
-            let plain = super::super::ops::silu_mul(&packed.matmul(&x)?, half)?;
-            assert_eq!(fused.dims(), &[m, half]);
-            let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-            assert_eq!(bits(&fused)?, bits(&plain)?, "{m}x{k}x{half}");
+        for isa in Isa::available() {
+            for (m, k, half) in [(1, 5, 16), (13, 576, 48), (197, 64, 784), (50, 8, 1600)] {
+                let w = Tensor::randn(0f32, 1.0, (k, 2 * half), dev)?;
+                let packed = PackedWeight::pack_f32(&w, isa)?;
+                // Products of std 4·√k: past exp's clamps at k = 576.
+                let x = Tensor::randn(0f32, 4.0, (m, k), dev)?;
+                let fused = packed.matmul_silu_mul(&x, half)?.expect("whole panels");
+                let plain = super::super::ops::silu_mul(&packed.matmul(&x)?, half)?;
+                assert_eq!(fused.dims(), &[m, half]);
+                assert_eq!(bits(&fused)?, bits(&plain)?, "{isa:?} {m}x{k}x{half}");
+            }
         }
-        let odd = PackedWeight::pack_f32(&Tensor::zeros((4, 2 * 24), DType::F32, dev)?)?;
+        let isa = Isa::available()[0];
+        let odd = PackedWeight::pack_f32(&Tensor::zeros((4, 2 * 24), DType::F32, dev)?, isa)?;
         assert!(odd.matmul_silu_mul(&Tensor::zeros((2, 4), DType::F32, dev)?, 24)?.is_none());
         // A mismatched input is an error, not a read past the buffer.
-        let packed = PackedWeight::pack_f32(&Tensor::zeros((3, 2), DType::F32, dev)?)?;
+        let packed = PackedWeight::pack_f32(&Tensor::zeros((3, 2), DType::F32, dev)?, isa)?;
         assert!(packed.matmul(&Tensor::zeros((2, 4), DType::F32, dev)?).is_err());
         Ok(())
     }
