@@ -11,6 +11,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for how the pieces fit.
 
+pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod error;

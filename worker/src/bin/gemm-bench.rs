@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Parser;
+use worker::bench::median;
 use worker::models::matmul;
 use worker::models::packed::{Isa, PackedWeight};
 
@@ -35,15 +36,6 @@ fn parse_shape(s: &str) -> anyhow::Result<(usize, usize, usize)> {
     match parts[..] {
         [m, k, n] => Ok((m, k, n)),
         _ => anyhow::bail!("shape {s:?}: expected m×k×n"),
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 

@@ -33,6 +33,7 @@ use common::donor::Relations;
 use common::experiment::{Experiment, Resolved};
 use common::flags::ExperimentFlags;
 use common::settings::Correctness;
+use worker::bench::median;
 use worker::cli::ModelArgs;
 use worker::models::matmul;
 use worker::models::packed::PackedWeight;
@@ -203,15 +204,6 @@ fn gemm_gflops(device: &Device, dtype: DType) -> anyhow::Result<f64> {
         best = best.max(median(rates));
     }
     Ok(best)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 fn main() -> anyhow::Result<()> {
