@@ -82,6 +82,19 @@ fn main() -> anyhow::Result<()> {
             let x = &x;
             products.push((format!("packed {isa:?}"), Box::new(move || p.matmul(x))));
         }
+        // The gate/up product as the trace runs it: SwiGLU applied as the tiles leave the
+        // kernel (rated by the product's FLOPs), where n splits into whole panels.
+        for (isa, p) in &packed {
+            let x = &x;
+            if p.matmul_silu_mul(&x.narrow(0, 0, 1)?, n / 2)?.is_some() {
+                let swiglu = move || -> worker::error::Result<Tensor> {
+                    p.matmul_silu_mul(x, n / 2)?.ok_or_else(|| {
+                        worker::error::Error::Request("SwiGLU's halves: checked above".into())
+                    })
+                };
+                products.push((format!("SwiGLU {isa:?}"), Box::new(swiglu)));
+            }
+        }
         let mut rates = vec![Vec::new(); products.len()];
         for round in 0..=args.rounds {
             for (i, (_, product)) in products.iter().enumerate() {

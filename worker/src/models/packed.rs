@@ -9,8 +9,9 @@
 //! where the CPU has it) keep a tile of the output in registers, and for each step of the
 //! sum load one line of a panel and broadcast one value of each of the tile's rows of `x`,
 //! which they read in place (row-major, as the activations are). The work is split into
-//! tasks of a few dozen rows × up to 1536 columns ([`Isa::task`]) run in parallel; in a
-//! task the rows of `x` stay in cache while the panels stream past them.
+//! tasks of a few dozen rows ([`Isa::task_rows`]) × a slice of columns whose panels fit a
+//! core's L2 cache ([`SLICE_BYTES`]), run in parallel slice by slice; in a task the rows of
+//! `x` stay in cache while the slice's panels pass them.
 //!
 //! The sum over `k` runs in order, in one chain of fused multiply-adds per output (as
 //! gemm's does within a block of the sum), so the result differs from candle's matmul only
@@ -28,7 +29,7 @@ use crate::error::Result;
 
 /// Columns of a panel: two AVX2 registers of f32, one AVX-512 register, one cache line.
 pub(crate) const NR: usize = 16;
-/// The most rows of any task ([`Isa::task`]): the scratch's height.
+/// The most rows of any task ([`Isa::task_rows`]): the scratch's height.
 const MB: usize = 96;
 
 /// One panel row: 16 floats on one cache line.
@@ -169,10 +170,12 @@ impl CustomOp1 for PackedMatmul<'_> {
             return Ok((CpuStorage::F32(dst), Shape::from((m, width))));
         }
         let out = Out(dst.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        let (mb, nb) = self.w.isa.task();
+        let (mb, nb) = (self.w.isa.task_rows(), slice_columns(k, width, self.silu_half.is_some()));
         let (row_tasks, col_tasks) = (m.div_ceil(mb), width.div_ceil(nb));
+        // Column slice by column slice: the tasks of one slice run one after another on a
+        // core (rayon splits the range in halves), which keeps the slice in its L2 cache.
         for_each_task(row_tasks * col_tasks, m * k * n, |t| {
-            let (r0, c0) = ((t / col_tasks) * mb, (t % col_tasks) * nb);
+            let (r0, c0) = ((t % row_tasks) * mb, (t / row_tasks) * nb);
             let (rows, cols) = (mb.min(m - r0), nb.min(width - c0));
             // SAFETY: the tasks' output rectangles are disjoint and inside the m × width
             // output; x's rows r0..r0 + rows are inside its buffer (checked above).
@@ -183,6 +186,23 @@ impl CustomOp1 for PackedMatmul<'_> {
         unsafe { dst.set_len(m * width) };
         Ok((CpuStorage::F32(dst), Shape::from((m, width))))
     }
+}
+
+/// Bytes of packed weight in one column slice of the tasks: what a core keeps in its L2
+/// cache (1–2 MiB per core on x86 CPUs with AVX-512 since Skylake-SP; 512 KiB on Zen 3,
+/// whose L3 is fast) while it runs down every row of `x`. Taking the tasks row block by row
+/// block instead streamed the whole weight from L3 for each block of 48 rows, and ran the
+/// 576 × 3072 product at 0.75–0.95× this rate depending on what shared the L3 (2-core
+/// Xeon, Emerald Rapids, `gemm-bench`).
+const SLICE_BYTES: usize = 1 << 20;
+
+/// Output columns of a task: a multiple of two panels whose weight (gate and up panels
+/// both for SwiGLU) fits [`SLICE_BYTES`], spread evenly over the slices the output needs.
+fn slice_columns(k: usize, width: usize, silu: bool) -> usize {
+    let bytes_per_column = k * size_of::<f32>() * if silu { 2 } else { 1 };
+    let most = (SLICE_BYTES / bytes_per_column.max(1)) / (2 * NR) * (2 * NR);
+    let slices = width.div_ceil(most.max(2 * NR));
+    width.div_ceil(slices.max(1)).next_multiple_of(2 * NR)
 }
 
 /// An output's first element, shared by parallel tasks that each write their own disjoint
@@ -304,6 +324,8 @@ mod tests {
             (197, 130, 771),
             (200, 1536, 48),
             (61, 24, 1601),
+            // Three column slices of the weight (`slice_columns`), the last one narrower.
+            (100, 576, 1000),
         ] {
             let w_out_in = Tensor::randn(0f32, 1.0, (n, k), dev)?;
             let w = w_out_in.t()?;
@@ -346,7 +368,10 @@ mod tests {
         // SwiGLU fused into the product: equal bit for bit to the product, then silu_mul;
         // halves that are not whole panels are left to the caller.
         for isa in Isa::available() {
-            for (m, k, half) in [(1, 5, 16), (13, 576, 48), (197, 64, 784), (50, 8, 1600)] {
+            // (60, 576, 496): three column slices of gate and up panels.
+            for (m, k, half) in
+                [(1, 5, 16), (13, 576, 48), (197, 64, 784), (50, 8, 1600), (60, 576, 496)]
+            {
                 let w = Tensor::randn(0f32, 1.0, (k, 2 * half), dev)?;
                 let packed = PackedWeight::pack_f32(&w, isa)?;
                 // Products of std 4·√k: past exp's clamps at k = 576.
@@ -364,5 +389,28 @@ mod tests {
         let packed = PackedWeight::pack_f32(&Tensor::zeros((3, 2), DType::F32, dev)?, isa)?;
         assert!(packed.matmul(&Tensor::zeros((2, 4), DType::F32, dev)?).is_err());
         Ok(())
+    }
+
+    /// Slices fit the budget and split the columns evenly, in whole pairs of panels.
+    #[test]
+    fn column_slices_fit_the_budget_evenly() {
+        // SmolLM2's q/k/v stacked (960 columns), SwiGLU's gate and up, down: 3, 7 and 4
+        // slices.
+        assert_eq!(slice_columns(576, 960, false), 320);
+        assert_eq!(slice_columns(576, 1536, true), 224);
+        assert_eq!(slice_columns(1536, 576, false), 160);
+        let cases = [(1, 1, false), (4096, 16, true), (576, 49152, false), (9000, 40, false)];
+        for (k, width, silu) in cases {
+            let cols = slice_columns(k, width, silu);
+            assert!(cols.is_multiple_of(2 * NR) && cols >= 2 * NR, "{k} {width} {silu}: {cols}");
+            let bytes = cols * k * 4 * if silu { 2 } else { 1 };
+            assert!(bytes <= SLICE_BYTES || cols == 2 * NR, "{k} {width} {silu}: {cols}");
+            // Even: the slices are as few as the budget allows, and the last is at most a
+            // pair of panels per slice narrower than the others.
+            let slices = width.div_ceil(cols);
+            let most = (SLICE_BYTES / (k * 4 * if silu { 2 } else { 1 })).max(2 * NR);
+            assert_eq!(slices, width.div_ceil(most / (2 * NR) * (2 * NR)), "{k} {width} {silu}");
+            assert!(width + 2 * NR * slices >= slices * cols, "{k} {width} {silu}: {cols}");
+        }
     }
 }

@@ -49,16 +49,14 @@ impl Isa {
         }
     }
 
-    /// Rows × columns of a parallel task (`packed.rs`): its rows of `x` stay in a core's
-    /// cache while the panels pass them, and a task's panels are read once. Rows are a
-    /// multiple of the tile's, at most 96. AVX2: measured on a 2-core AMD EPYC (Zen 3).
-    /// AVX-512: on a 2-core Xeon (Emerald Rapids), 36–60 rows by up to 1536 columns ran the
-    /// projections 3–7% faster than 96 × 768 (`gemm-bench`); blocking the sum to keep the
-    /// panels in L1 was slower.
-    pub(crate) fn task(self) -> (usize, usize) {
+    /// Rows of a parallel task (`packed.rs`): the rows of `x` it reads stay in a core's
+    /// cache while its slice of the panels passes them. A multiple of the tile's, at most 96.
+    /// AVX2: measured on a 2-core AMD EPYC (Zen 3); AVX-512: on a 2-core Xeon (Emerald
+    /// Rapids), 36–60 rows ran the projections 3–7% faster than 96 (`gemm-bench`).
+    pub(crate) fn task_rows(self) -> usize {
         match self {
-            Isa::Avx2 => (96, 768),
-            Isa::Avx512 => (48, 1536),
+            Isa::Avx2 => 96,
+            Isa::Avx512 => 48,
         }
     }
 
