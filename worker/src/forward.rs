@@ -21,6 +21,7 @@ use candle_core::{D, Tensor};
 
 use crate::error::{Error, Result, bail_request};
 use crate::intervene::{self, Interventions, Site};
+use crate::models::residual::add;
 
 /// The sizes every architecture has.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,14 +340,14 @@ pub(crate) fn layer_step<M: Decoder + ?Sized>(
     let attn = model.post_attn(layer, attn)?;
     let out = match model.residual(layer) {
         Residual::Sequential => {
-            let xs = (xs + attn)?;
+            let xs = add(&xs, &attn)?;
             let mlp = at_site(captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
-            (xs + model.post_mlp(layer, mlp)?)?
+            add(&xs, &model.post_mlp(layer, mlp)?)?
         }
         Residual::Parallel => {
             let mlp = at_site(captures, iv, Site::Mlp(layer), model.mlp(layer, &xs)?, pos0)?;
             // GPT-J and GPT-NeoX: attn + mlp + residual, in that order.
-            ((attn + model.post_mlp(layer, mlp)?)? + xs)?
+            add(&add(&attn, &model.post_mlp(layer, mlp)?)?, &xs)?
         }
     };
     let xs = at_site(captures, iv, Site::Block(layer), out, pos0)?;

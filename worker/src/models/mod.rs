@@ -12,6 +12,7 @@ pub(crate) mod nn;
 pub(crate) mod ops;
 pub mod packed;
 pub(crate) mod packed_kernels;
+pub(crate) mod residual;
 pub mod rope;
 pub mod rope_config;
 
