@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
-use super::nn::{Linear, causal_attention, embed, extend_kv, merge_heads, split_qkv};
+use super::nn::{Linear, TokenTable, causal_attention, embed, extend_kv, merge_heads, split_qkv};
 use crate::error::{Error, Result};
 use crate::forward::{Decoder, Dims, LayerKv};
 use crate::weights::Weights;
@@ -167,7 +167,7 @@ struct Block {
 pub struct Gpt2 {
     cfg: Config,
     dims: Dims,
-    wte: Tensor,
+    wte: TokenTable,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
@@ -209,7 +209,7 @@ impl Gpt2 {
             });
         }
         let ln_f = layer_norm(w, &format!("{p}ln_f"), d)?;
-        let lm_head = Linear::shared_out_in(wte.clone(), None, "lm_head")?;
+        let (wte, lm_head) = Linear::tied(wte, None, "lm_head")?;
         let dims = Dims {
             n_layers: cfg.n_layer,
             d_model: d,

@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use super::gpt2::Activation;
 use super::nn::{
-    ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, embed, extend_kv,
-    merge_heads, split_qkv,
+    ACTIVATIONS, LayerNorm, Linear, TokenTable, activate, activation, causal_attention, embed,
+    extend_kv, merge_heads, split_qkv,
 };
 use super::rope::{Rope, RopeScaling};
 use crate::error::{Error, Result};
@@ -174,7 +174,7 @@ struct Block {
 pub struct GptJ {
     cfg: Config,
     dims: Dims,
-    wte: Tensor,
+    wte: TokenTable,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
@@ -210,18 +210,19 @@ impl GptJ {
         }
         let ln_f = LayerNorm::load(w, &format!("{p}ln_f"), d, eps)?;
         let head_bias = w.get("lm_head.bias", &[cfg.vocab_size])?;
-        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            Linear::shared_out_in(wte.clone(), Some(head_bias), "lm_head")?
+        let dtype = wte.dtype();
+        let (wte, lm_head) = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+            Linear::tied(wte, Some(head_bias), "lm_head")?
         } else {
             let weight = w.get("lm_head.weight", &[cfg.vocab_size, d])?;
-            Linear::from_out_in(weight, Some(head_bias), "lm_head")?
+            (wte.into(), Linear::from_out_in(weight, Some(head_bias), "lm_head")?)
         };
         let rope = Rope::new(
             cfg.rotary_dim,
             ROPE_THETA,
             &RopeScaling::Default,
             cfg.n_positions,
-            wte.dtype(),
+            dtype,
             w.device(),
         )?
         .interleaved();

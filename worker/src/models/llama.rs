@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 
 use super::attention::attention_merged;
-use super::nn::{Linear, embed, extend_kv, split_heads};
+use super::nn::{Linear, TokenTable, embed, extend_kv, split_heads};
 use super::ops::{gelu_mul, rms_norm, silu_mul};
 use super::rope::{Rope, RopeScaling};
 use crate::error::Result;
@@ -54,7 +54,7 @@ struct DecoderLayer {
 pub struct Llama {
     cfg: Config,
     dims: Dims,
-    embed: Tensor,
+    embed: TokenTable,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     /// `(vocab, hidden)`: the embedding matrix when tied.
@@ -200,16 +200,16 @@ impl Llama {
         }
         let final_norm = norm("model.norm.weight", d)?;
         let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
-        let lm_head = match tied {
-            true => Linear::shared_out_in(embed.clone(), None, "lm_head")?,
-            false => Linear::from_out_in(
-                w.get("lm_head.weight", &[cfg.vocab_size, d])?,
-                None,
-                "lm_head",
-            )?,
+        let dtype = embed.dtype();
+        let (embed, lm_head) = match tied {
+            true => Linear::tied(embed, None, "lm_head")?,
+            false => {
+                let head = w.get("lm_head.weight", &[cfg.vocab_size, d])?;
+                (embed.into(), Linear::from_out_in(head, None, "lm_head")?)
+            }
         };
         let rope = |theta: f32, scaling: &RopeScaling| {
-            Rope::new(cfg.rotary_dim, theta, scaling, cfg.max_positions, embed.dtype(), w.device())
+            Rope::new(cfg.rotary_dim, theta, scaling, cfg.max_positions, dtype, w.device())
         };
         let mut ropes = vec![rope(cfg.rope_theta, &cfg.rope_scaling)?];
         if let Some((theta, scaling)) = &cfg.local_rope {

@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 use super::gpt2::Activation;
 use super::nn::{
-    ACTIVATIONS, LayerNorm, Linear, activate, activation, causal_attention, embed, extend_kv,
-    merge_heads, split_qkv,
+    ACTIVATIONS, LayerNorm, Linear, TokenTable, activate, activation, causal_attention, embed,
+    extend_kv, merge_heads, split_qkv,
 };
 use super::rope::{Rope, RopeConfig, RopeFields, rope_from_config};
 use crate::error::{Error, Result};
@@ -217,7 +217,7 @@ struct Layer {
 pub struct GptNeoX {
     cfg: Config,
     dims: Dims,
-    embed_in: Tensor,
+    embed_in: TokenTable,
     layers: Vec<Layer>,
     final_layer_norm: LayerNorm,
     embed_out: Linear,
@@ -276,11 +276,12 @@ impl GptNeoX {
             });
         }
         let final_layer_norm = LayerNorm::load(w, "gpt_neox.final_layer_norm", d, eps)?;
-        let embed_out = if cfg.tie_word_embeddings || !w.contains("embed_out.weight") {
-            Linear::shared_out_in(embed_in.clone(), None, "embed_out")?
+        let dtype = embed_in.dtype();
+        let (embed_in, embed_out) = if cfg.tie_word_embeddings || !w.contains("embed_out.weight") {
+            Linear::tied(embed_in, None, "embed_out")?
         } else {
             let weight = w.get("embed_out.weight", &[cfg.vocab_size, d])?;
-            Linear::from_out_in(weight, None, "embed_out")?
+            (embed_in.into(), Linear::from_out_in(weight, None, "embed_out")?)
         };
         // Tables up to the trained length; longer calls (dynamic NTK) compute their own.
         let rope = Rope::new(
@@ -288,7 +289,7 @@ impl GptNeoX {
             cfg.rope.theta,
             &cfg.rope.scaling,
             cfg.max_position_embeddings,
-            embed_in.dtype(),
+            dtype,
             w.device(),
         )?;
         let dims = Dims {

@@ -55,11 +55,27 @@ impl Linear {
         Ok(Self { w, bias, span: tracing::trace_span!("linear", name) })
     }
 
-    /// From a weight `(out, in)` that the model keeps for another use too (tied embeddings):
-    /// never packed, since the packed copy would double the memory of the vocabulary's table.
-    pub(crate) fn shared_out_in(weight: Tensor, bias: Option<Tensor>, name: &str) -> Result<Self> {
-        let w = Weight::InOut(weight.t()?);
-        Ok(Self { w, bias, span: tracing::trace_span!("linear", name) })
+    /// A tied LM head over the token table `(vocab, d)`, and the table the model looks its
+    /// inputs up in. Where the CPU kernel runs, the head is packed and the table becomes
+    /// the packed copy read back ([`TokenTable::Packed`]), so the vocabulary is held once;
+    /// elsewhere both use the tensor.
+    pub(crate) fn tied(
+        table: Tensor,
+        bias: Option<Tensor>,
+        name: &str,
+    ) -> Result<(TokenTable, Self)> {
+        let span = tracing::trace_span!("linear", name);
+        Ok(match PackedWeight::pack(&table.t()?)? {
+            Some(packed) => {
+                let packed = Arc::new(packed);
+                let head = Self { w: Weight::Packed(packed.clone()), bias, span };
+                (TokenTable::Packed(packed), head)
+            }
+            None => {
+                let head = Self { w: Weight::InOut(table.t()?), bias, span };
+                (TokenTable::Tensor(table), head)
+            }
+        })
     }
 
     /// `(in, out)`.
@@ -189,10 +205,30 @@ fn causal_mask(
 }
 
 /// Rows of the embedding `table` `(vocab, d)` for token ids `(b, t)`: `(b, t, d)`.
-pub(crate) fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+pub(crate) fn embed(table: &TokenTable, ids: &Tensor) -> Result<Tensor> {
     let (b_sz, seq_len) = ids.dims2()?;
-    let d = table.dim(1)?;
-    Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape((b_sz, seq_len, d))?)
+    let rows = match table {
+        TokenTable::Tensor(table) => table.index_select(&ids.flatten_all()?, 0)?,
+        TokenTable::Packed(packed) => {
+            packed.columns(&ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)?
+        }
+    };
+    let d = rows.dim(1)?;
+    Ok(rows.reshape((b_sz, seq_len, d))?)
+}
+
+/// The token table `(vocab, d)` a model looks its inputs up in: a tensor, or the packed copy
+/// of the LM head tied to it ([`Linear::tied`]).
+#[derive(Clone)]
+pub(crate) enum TokenTable {
+    Tensor(Tensor),
+    Packed(Arc<PackedWeight>),
+}
+
+impl From<Tensor> for TokenTable {
+    fn from(table: Tensor) -> Self {
+        TokenTable::Tensor(table)
+    }
 }
 
 /// Appends the new keys and values to the prefix's.

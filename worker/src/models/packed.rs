@@ -93,6 +93,25 @@ impl PackedWeight {
         (self.k, self.n)
     }
 
+    /// Columns `ids` of the weight as the rows of an `(ids.len(), k)` tensor: a tied LM
+    /// head's packed copy read back as the token table it was packed from (a copy, bit for
+    /// bit). An id past the last column is an error.
+    pub fn columns(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut rows = Vec::with_capacity(ids.len() * self.k);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.n {
+                return Err(crate::error::Error::Request(format!(
+                    "token id {id} is past the vocabulary of {}",
+                    self.n
+                )));
+            }
+            let panel = &self.lines[(id / NR) * self.k..(id / NR + 1) * self.k];
+            rows.extend(panel.iter().map(|line| line.0[id % NR]));
+        }
+        Ok(Tensor::from_vec(rows, (ids.len(), self.k), &candle_core::Device::Cpu)?)
+    }
+
     /// `xs (m, k) · W` for an f32 CPU tensor `xs`.
     pub fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
         // The kernel reads rows in place; a view whose rows are not contiguous is copied.
@@ -382,6 +401,13 @@ mod tests {
                 assert_eq!(bits(&fused)?, bits(&plain)?, "{isa:?} {m}x{k}x{half}");
             }
         }
+        // A tied head's columns read back are the table's rows, bit for bit.
+        let table = Tensor::randn(0f32, 1.0, (37, 5), dev)?;
+        let packed = PackedWeight::pack_f32(&table.t()?, Isa::available()[0])?;
+        let ids = [0u32, 36, 17, 16, 15, 17];
+        let rows = table.index_select(&Tensor::new(&ids[..], dev)?, 0)?;
+        assert_eq!(bits(&packed.columns(&ids)?)?, bits(&rows)?);
+        assert!(packed.columns(&[37]).is_err(), "an id past the vocabulary");
         let isa = Isa::available()[0];
         let odd = PackedWeight::pack_f32(&Tensor::zeros((4, 2 * 24), DType::F32, dev)?, isa)?;
         assert!(odd.matmul_silu_mul(&Tensor::zeros((2, 4), DType::F32, dev)?, 24)?.is_none());
