@@ -15,6 +15,7 @@ pub(crate) mod packed_kernels;
 pub(crate) mod residual;
 pub mod rope;
 pub mod rope_config;
+pub(crate) mod rotate;
 
 use crate::error::{Error, Result};
 use candle_core::Tensor;

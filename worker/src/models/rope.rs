@@ -385,7 +385,7 @@ impl Rope {
             Ok(if self.interleaved {
                 candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
             } else {
-                candle_nn::rotary_emb::rope(x, &cos, &sin)?
+                super::rotate::rope(x, &cos, &sin)?
             })
         };
         let xs = xs.contiguous()?;
