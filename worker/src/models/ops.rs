@@ -61,14 +61,7 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("rms-norm: f32 only")
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("rms-norm: contiguous operands only")
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let (x, w) = (contiguous_f32(s1, l1, "rms-norm")?, contiguous_f32(s2, l2, "rms-norm")?);
         let d = l1.dims().last().copied().unwrap_or(0);
         if d != w.len() {
             candle_core::bail!("rms-norm: rows of {d} against a weight of {}", w.len());
@@ -203,6 +196,20 @@ impl CustomOp1 for SwapAxes12 {
     }
 }
 
+/// The elements of a custom op's f32 operand whose layout is contiguous, or an error that
+/// names the op.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous operands only")
+    };
+    Ok(&data[start..end])
+}
+
 /// A vector of `n` elements whose chunks of `chunk` are written in parallel by
 /// `fill(chunk index, chunk)`, which must write every element of its chunk. Not zeroed first:
 /// with freed activations kept by the allocator, zeroing is a memset of the whole output on
@@ -259,11 +266,7 @@ impl CustomOp1 for SiluMul {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let half = self.half;
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("silu-mul: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("silu-mul: contiguous input only")
-        };
-        let data = &data[start..end];
+        let data = contiguous_f32(storage, layout, "silu-mul")?;
         let mut dims = layout.shape().dims().to_vec();
         match dims.last_mut() {
             Some(last) if *last == 2 * half => *last = half,

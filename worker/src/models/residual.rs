@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::ops::filled;
+use super::ops::{contiguous_f32, filled};
 use crate::error::Result;
 
 /// Elements per parallel chunk: 64 KiB of each operand.
@@ -46,14 +46,8 @@ impl CustomOp2 for Add {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("residual-add: f32 only")
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("residual-add: contiguous operands only")
-        };
-        let (a, b) = (&a[a0..a1], &b[b0..b1]);
+        let a = contiguous_f32(s1, l1, "residual-add")?;
+        let b = contiguous_f32(s2, l2, "residual-add")?;
         if l1.dims() != l2.dims() || a.len() != b.len() {
             candle_core::bail!("residual-add: {:?} + {:?}", l1.dims(), l2.dims());
         }

@@ -12,7 +12,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::ops::filled;
+use super::ops::{contiguous_f32, filled};
 use crate::error::Result;
 
 /// Elements per parallel chunk, at least: whole heads are grouped up to this size.
@@ -50,15 +50,8 @@ impl CustomOp3 for HalfSplit {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(cos), CpuStorage::F32(sin)) = (s1, s2, s3) else {
-            candle_core::bail!("rope: f32 only")
-        };
-        let (Some((x0, x1)), Some((c0, c1)), Some((s0, s1))) =
-            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
-        else {
-            candle_core::bail!("rope: contiguous operands only")
-        };
-        let (x, cos, sin) = (&x[x0..x1], &cos[c0..c1], &sin[s0..s1]);
+        let x = contiguous_f32(s1, l1, "rope")?;
+        let (cos, sin) = (contiguous_f32(s2, l2, "rope")?, contiguous_f32(s3, l3, "rope")?);
         let (_, _, t, d) = l1.shape().dims4()?;
         if d % 2 != 0 || l2.dims() != [t, d / 2] || l3.dims() != [t, d / 2] {
             candle_core::bail!("rope: x {:?}, cos {:?}, sin {:?}", l1.dims(), l2.dims(), l3.dims());
