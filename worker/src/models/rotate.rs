@@ -61,44 +61,47 @@ impl CustomOp3 for HalfSplit {
             return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
         }
         let chunk = head * CHUNK.div_ceil(head);
-        let out = filled(x.len(), chunk, |i, o| {
-            let x = &x[i * chunk..];
-            for (h, o) in o.chunks_mut(head).enumerate() {
-                for (p, o) in o.chunks_mut(d).enumerate() {
-                    let row = &x[h * head + p * d..][..d];
-                    let half = d / 2;
-                    rotate_row(row, &cos[p * half..][..half], &sin[p * half..][..half], o);
-                }
-            }
-        });
+        let out = filled(x.len(), chunk, |i, o| rotate_heads(&x[i * chunk..], cos, sin, d, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
-/// One position of one head.
-fn rotate_row(x: &[f32], cos: &[f32], sin: &[f32], o: &mut [MaybeUninit<f32>]) {
+/// Whole heads of `x`, `o.len()` elements of rows of `d` whose positions follow `cos` and
+/// `sin` `(t, d / 2)`, restarting at each head. The CPU's features are looked up once here,
+/// not per row.
+fn rotate_heads(x: &[f32], cos: &[f32], sin: &[f32], d: usize, o: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has the feature the function is compiled for.
-        return unsafe { rotate_row_avx2(x, cos, sin, o) };
+        return unsafe { rotate_heads_avx2(x, cos, sin, d, o) };
     }
-    rotate_row_plain(x, cos, sin, o)
+    rotate_heads_plain(x, cos, sin, d, o)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn rotate_row_avx2(x: &[f32], cos: &[f32], sin: &[f32], o: &mut [MaybeUninit<f32>]) {
-    rotate_row_plain(x, cos, sin, o)
+unsafe fn rotate_heads_avx2(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    d: usize,
+    o: &mut [MaybeUninit<f32>],
+) {
+    rotate_heads_plain(x, cos, sin, d, o)
 }
 
 #[inline(always)]
-fn rotate_row_plain(x: &[f32], cos: &[f32], sin: &[f32], o: &mut [MaybeUninit<f32>]) {
-    let half = cos.len();
-    let (x1, x2) = x.split_at(half);
-    let (o1, o2) = o.split_at_mut(half);
-    for i in 0..half {
-        o1[i].write(x1[i] * cos[i] - x2[i] * sin[i]);
-        o2[i].write(x1[i] * sin[i] + x2[i] * cos[i]);
+fn rotate_heads_plain(x: &[f32], cos: &[f32], sin: &[f32], d: usize, o: &mut [MaybeUninit<f32>]) {
+    let half = d / 2;
+    let positions = cos.len() / half.max(1);
+    for (r, (o, x)) in o.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+        let p = (r % positions.max(1)) * half;
+        let (cos, sin) = (&cos[p..p + half], &sin[p..p + half]);
+        let ((x1, x2), (o1, o2)) = (x.split_at(half), o.split_at_mut(half));
+        for i in 0..half {
+            o1[i].write(x1[i] * cos[i] - x2[i] * sin[i]);
+            o2[i].write(x1[i] * sin[i] + x2[i] * cos[i]);
+        }
     }
 }
 
